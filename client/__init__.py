@@ -1,0 +1,1 @@
+"""The thin gRPC client of the isekai ensemble."""

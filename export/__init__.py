@@ -1,0 +1,1 @@
+"""Export official SAM, LaMa and Stable Diffusion checkpoints to ONNX (and TensorRT plans)."""

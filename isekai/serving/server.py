@@ -1,0 +1,246 @@
+"""Start a real Triton Inference Server on a model repository, without a container.
+
+The PyPI wheel ``nvidia-pytriton`` ships a complete ``tritonserver`` (2.51) with the Python backend and one
+backend stub per CPython version. This module finds that binary (or a ``tritonserver`` already on PATH, as in the
+NGC container), lays out a backend folder whose Python stub matches the running interpreter, and runs Triton with
+the project's environment first on PATH: the stub embeds the first ``python3`` it finds there, and the
+Python models must import ``isekai`` and numpy<2 from this very environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from isekai import constants as C
+
+_CACHE_ROOT = Path(os.environ.get("ISEKAI_CACHE", Path.home() / ".cache" / "isekai"))
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where a runnable tritonserver and its backends are."""
+
+    binary: Path
+    backend_dir: Path
+    library_dirs: tuple[Path, ...] = ()
+
+
+def _pytriton_install() -> TritonInstall | None:
+    try:
+        import pytriton  # noqa: PLC0415 - optional: the NGC container has no pytriton
+    except ImportError:
+        return None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.exists():
+        return None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(
+            f"nvidia-pytriton has no Python-backend stub for Python {version} (looked for {stub}); "
+            "use a Python it ships a stub for (3.8-3.13)"
+        )
+    # The wheel keeps its stubs apart: Triton wants the one stub beside libtriton_python.so.
+    backend_dir = _CACHE_ROOT / f"triton-backends-py{version}"
+    python_dir = backend_dir / "python"
+    marker = python_dir / ".source"
+    source = f"{root}:{stub.stat().st_mtime_ns}"
+    if not marker.exists() or marker.read_text() != source:
+        if backend_dir.exists():
+            shutil.rmtree(backend_dir)
+        shutil.copytree(root / "backends", backend_dir)
+        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+        marker.write_text(source)
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    return TritonInstall(binary=binary, backend_dir=backend_dir, library_dirs=(libs,) if libs.exists() else ())
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate tritonserver: the nvidia-pytriton wheel first, then one on PATH (NGC container)."""
+    install = _pytriton_install()
+    if install is not None:
+        return install
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(binary=Path(on_path), backend_dir=Path("/opt/tritonserver/backends"))
+    raise RuntimeError(
+        "no tritonserver found: install the project (it brings nvidia-pytriton) or run inside the NGC "
+        "Triton container where tritonserver is on PATH"
+    )
+
+
+@dataclass
+class ServerOptions:
+    """How to run Triton. Ports of 0 are not allowed by Triton: pick free ones with :func:`free_port`."""
+
+    repository: Path
+    host: str = C.DEFAULT_HOST
+    grpc_port: int = C.DEFAULT_GRPC_PORT
+    http_port: int = C.DEFAULT_HTTP_PORT
+    metrics_port: int = C.DEFAULT_METRICS_PORT
+    model_config_name: str | None = None
+    model_control: str = "none"  # "explicit" enables load/unload through the repository API
+    load_models: tuple[str, ...] = ()  # with explicit control: what to load at start ("*" for all)
+    admin_key: str | None = None  # protects the model-repository API (restricted-protocol header)
+    log_verbose: int = 0
+    exit_timeout_s: int = 30
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [
+            str(install.binary),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={install.backend_dir}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+            f"--model-control-mode={self.model_control}",
+        ]
+        if self.model_config_name:
+            cmd.append(f"--model-config-name={self.model_config_name}")
+        for name in self.load_models:
+            cmd.append(f"--load-model={name}")
+        if self.admin_key:
+            header, _, value = self.admin_key.partition("=")
+            if not value:
+                header, value = "isekai-admin-key", header
+            cmd.append(f"--grpc-restricted-protocol=model-repository:{header}={value}")
+            cmd.append(f"--http-restricted-api=model-repository:{header}={value}")
+        cmd.extend(self.extra_args)
+        return cmd
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        # The stub embeds the first python3 on PATH: make it this environment's.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        libs = os.pathsep.join(str(p) for p in install.library_dirs)
+        if libs:
+            env["LD_LIBRARY_PATH"] = f"{env['LD_LIBRARY_PATH']}{os.pathsep}{libs}" if env.get(
+                "LD_LIBRARY_PATH"
+            ) else libs
+        # Python models import onnxruntime and torch: one thread pool each per stub would oversubscribe.
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        return env
+
+
+class TritonServer:
+    """A tritonserver child process: start, wait until ready, stop with a grace period."""
+
+    def __init__(self, options: ServerOptions, log_path: Path | None = None) -> None:
+        self.options = options
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def start(self) -> None:
+        install = find_tritonserver()
+        cmd = self.options.command(install)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
+        self.process = subprocess.Popen(
+            cmd,
+            env=self.options.environment(install),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT if self._log_file else None,
+            start_new_session=True,  # its own process group: stop() reaches the stubs too
+        )
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready"
+                    + (f"; see its log {self.log_path}" if self.log_path else "")
+                    + self._log_tail()
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f}s" + self._log_tail())
+
+    def _log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- server log tail ---\n" + "\n".join(tail)
+
+    def stop(self, grace_s: float = 60.0) -> int | None:
+        """SIGINT the server (it drains and unloads), escalate to SIGKILL of the group after ``grace_s``."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        # Stubs are children in the server's process group: none may outlive it.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return self.process.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop(grace_s=5)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((C.DEFAULT_HOST, 0))
+        return s.getsockname()[1]
