@@ -1,0 +1,57 @@
+"""Triton's own per-model statistics, read before and after some work, so the difference says what ran."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Cumulative counters of one model (the statistics extension's inference_stats)."""
+
+    executions: int  # model executions (a dynamic batch counts once)
+    inferences: int  # requests served (success count)
+    queue_ns: int
+    compute_ns: int  # compute_input + compute_infer + compute_output
+
+    def __sub__(self, other: ModelStats) -> ModelStats:
+        return ModelStats(
+            self.executions - other.executions,
+            self.inferences - other.inferences,
+            self.queue_ns - other.queue_ns,
+            self.compute_ns - other.compute_ns,
+        )
+
+
+def model_stats(triton_client) -> dict[str, ModelStats]:
+    """All models' counters from a ``tritonclient.grpc.InferenceServerClient``."""
+    raw = triton_client.get_inference_statistics(as_json=True)
+    stats = {}
+    for entry in raw.get("model_stats", []):
+        inf = entry.get("inference_stats", {})
+
+        def ns(key: str, inf=inf) -> int:
+            return int(inf.get(key, {}).get("ns", 0))
+
+        stats[entry["name"]] = ModelStats(
+            executions=int(entry.get("execution_count", 0)),
+            inferences=int(inf.get("success", {}).get("count", 0)),
+            queue_ns=ns("queue"),
+            compute_ns=ns("compute_input") + ns("compute_infer") + ns("compute_output"),
+        )
+    return stats
+
+
+def stats_delta(before: dict[str, ModelStats], after: dict[str, ModelStats]) -> dict[str, ModelStats]:
+    zero = ModelStats(0, 0, 0, 0)
+    return {name: after[name] - before.get(name, zero) for name in after}
+
+
+def format_stage_table(delta: dict[str, ModelStats], order: list[str] | None = None) -> str:
+    """A small table: model, requests, queue ms, compute ms (BLS callers include their callees' time)."""
+    names = [n for n in (order or sorted(delta)) if n in delta and delta[n].inferences]
+    lines = [f"{'model':<16}{'requests':>9}{'queue ms':>11}{'compute ms':>12}"]
+    for n in names:
+        d = delta[n]
+        lines.append(f"{n:<16}{d.inferences:>9}{d.queue_ns / 1e6:>11.1f}{d.compute_ns / 1e6:>12.1f}")
+    return "\n".join(lines)

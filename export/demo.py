@@ -1,0 +1,85 @@
+"""Small checkpoints in the real on-disk formats, exported into a model repository (tests and the demo).
+
+``isekai export demo --repository DIR`` makes random-weight checkpoints exactly as users bring them — a SAM ``.pth``
+from segment-anything's builder, a big-lama style ``best.ckpt`` + ``config.yaml``, a diffusers SD 1.x folder — and
+runs the same exporters on them. Re-running skips checkpoints and graphs that already exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from isekai import constants as C
+from isekai.export.common import progress
+
+SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+DEMO_CHARACTER_PROMPT = "anime girl, cel shading, clean line art, vivid colors"
+
+
+def copy_configs(destination: Path, source: Path = SOURCE_REPOSITORY) -> None:
+    """Copy the repository's configs and model.py files (not exported artifacts) into ``destination``."""
+    if not source.is_dir():
+        raise FileNotFoundError(f"model repository sources not found at {source}")
+    ignore = shutil.ignore_patterns("*.onnx", "*.onnx.data", "*.plan", "__pycache__", "characters", "tokenizer")
+    shutil.copytree(source, destination, ignore=ignore, dirs_exist_ok=True)
+
+
+def _missing(repository: Path, *models: str) -> bool:
+    return any(not (repository / m / C.MODEL_VERSION / C.ONNX_FILENAME).exists() for m in models)
+
+
+def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = False) -> Path:
+    """Make the small checkpoints under ``checkpoints`` and export them into ``repository`` (configs included)."""
+    from isekai.export.lama import export_lama  # noqa: PLC0415 - torch-heavy, only when asked
+    from isekai.export.make_lama import make_lama_checkpoint  # noqa: PLC0415
+    from isekai.export.make_sam import make_sam_checkpoint  # noqa: PLC0415
+    from isekai.export.make_sd import make_sd_folder  # noqa: PLC0415
+    from isekai.export.sam import export_sam  # noqa: PLC0415
+    from isekai.export.sd import export_sd  # noqa: PLC0415
+
+    started = time.perf_counter()
+    repository, checkpoints = Path(repository), Path(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    copy_configs(repository)
+
+    sam_ckpt = checkpoints / "sam_tiny.pth"
+    if force or not sam_ckpt.exists():
+        progress(f"making a tiny SAM checkpoint {sam_ckpt}")
+        make_sam_checkpoint(sam_ckpt, model_type="tiny")
+    if force or _missing(repository, C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL):
+        export_sam(sam_ckpt, "auto", repository=repository)
+
+    lama_dir = checkpoints / "lama-small"
+    if force or not (lama_dir / "models" / "best.ckpt").exists():
+        progress(f"making a small LaMa checkpoint {lama_dir}")
+        make_lama_checkpoint(lama_dir)
+    if force or _missing(repository, C.LAMA_MODEL):
+        export_lama(lama_dir / "models" / "best.ckpt", lama_dir / "config.yaml", repository=repository)
+
+    sd_dir = checkpoints / "sd-tiny"
+    if force or not (sd_dir / "model_index.json").exists():
+        progress(f"making a tiny Stable Diffusion folder {sd_dir}")
+        make_sd_folder(sd_dir, size="tiny")
+    sd_models = (C.TEXT_ENCODER_MODEL, C.UNET_MODEL, C.VAE_ENCODER_MODEL, C.VAE_DECODER_MODEL)
+    if force or _missing(repository, *sd_models) or not (repository / C.DIFFUSION_MODEL / "characters").exists():
+        export_sd(sd_dir, repository=repository, character=C.DEFAULT_CHARACTER, prompt=DEMO_CHARACTER_PROMPT)
+    progress(f"demo repository ready in {repository} ({time.perf_counter() - started:.0f}s)")
+    return repository
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", type=Path, required=True, help="model repository to create or complete")
+    parser.add_argument(
+        "--checkpoints", type=Path, default=None,
+        help="where the small checkpoints go (default: <repository>/../checkpoints)",
+    )
+    parser.add_argument("--force", action="store_true", help="remake checkpoints and re-export even if present")
+
+
+def main(args: argparse.Namespace) -> int:
+    checkpoints = args.checkpoints or args.repository.resolve().parent / "checkpoints"
+    build_demo_repository(args.repository, checkpoints, force=args.force)
+    return 0

@@ -1,0 +1,76 @@
+"""Shared fixtures: the small-checkpoint model repository and a real tritonserver on free loopback ports."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Reused between local runs (exports are skipped when present); CI starts from a clean clone.
+CACHE = Path(os.environ.get("ISEKAI_TEST_CACHE", ROOT / ".cache" / "tests"))
+
+
+@pytest.fixture(scope="session")
+def demo_repository() -> Path:
+    """A model repository with every model exported from small random-weight checkpoints."""
+    from isekai.export.demo import build_demo_repository
+
+    return build_demo_repository(CACHE / "model_repository", CACHE / "checkpoints")
+
+
+def start_server(repository: Path, log_path: Path, **options):
+    from isekai.serving.server import ServerOptions, TritonServer, free_port
+
+    opts = ServerOptions(
+        repository=repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **options
+    )
+    server = TritonServer(opts, log_path=log_path)
+    server.start()
+    try:
+        server.wait_ready(timeout_s=600)
+    except BaseException:
+        server.stop(grace_s=5)
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(demo_repository: Path, tmp_path_factory):
+    """One tritonserver for the end-to-end tests that do not disturb it."""
+    log = tmp_path_factory.mktemp("triton") / "server.log"
+    srv = start_server(demo_repository, log)
+    yield srv
+    srv.stop(grace_s=30)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from isekai.client.client import IsekaiClient
+
+    c = IsekaiClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def astronaut_png() -> bytes:
+    """A real photo of a person that ships inside scikit-image (512x512 RGB)."""
+    from skimage import data
+
+    return png_bytes(data.astronaut())
+
+
+# Where the demo and the tests click: the astronaut's chest in skimage.data.astronaut() (x, y).
+ASTRONAUT_CLICK = (200.0, 300.0)
