@@ -20,6 +20,7 @@ demo: setup
 	$(BIN)/isekai demo
 
 test: setup
+	./scripts/install-test-deps
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -55,3 +55,30 @@ def format_stage_table(delta: dict[str, ModelStats], order: list[str] | None = N
         d = delta[n]
         lines.append(f"{n:<16}{d.inferences:>9}{d.queue_ns / 1e6:>11.1f}{d.compute_ns / 1e6:>12.1f}")
     return "\n".join(lines)
+
+
+def prometheus_values(metrics_url: str, prefix: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """Samples of Triton's metrics endpoint whose name starts with ``prefix``, summed over their labels.
+
+    ``metrics_url`` is ``host:port`` or a full ``http://host:port/metrics`` URL.
+    """
+    import urllib.request  # noqa: PLC0415
+
+    url = metrics_url if metrics_url.startswith("http") else f"http://{metrics_url}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode("utf-8")
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        sample, _, value = line.rpartition(" ")
+        name = sample.split("{", 1)[0]
+        values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+def cache_counters(metrics_url: str) -> dict[str, float]:
+    """The server's SAM embedding-cache counters: ``hits``, ``misses``, ``evictions``, ``entries``, ``bytes``."""
+    prefix = "isekai_embedding_cache_"
+    raw = prometheus_values(metrics_url, prefix)
+    return {name[len(prefix):].removesuffix("_total"): value for name, value in raw.items()}

@@ -129,3 +129,61 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
+
+# ---------------------------------------------------------------------------------------------------------
+# Image decoding/encoding, mask cleanup, crops and compositing (ensemble/images.py, masks.py, crops.py,
+# compose.py). Fractions are of the image's (or the mask's) size so the behaviour does not depend on resolution.
+# ---------------------------------------------------------------------------------------------------------
+# Pillow format names the decoder opens (JPEG includes MPO camera files); anything else (EPS, PSD, ...) is
+# refused without reaching its decoder.
+IMAGE_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+JPEG_QUALITY = 92
+WEBP_QUALITY = 90
+# A cleaned mask covering less than this fraction of the image means "no person found" (not an error).
+PERSON_MIN_AREA_FRACTION = 0.001
+# Islands smaller than this fraction of the mask's area are dropped unless a positive click is near them.
+MASK_MIN_ISLAND_FRACTION = 0.01
+# Holes smaller than this fraction of the mask's area are filled unless a negative click is inside them.
+MASK_MAX_HOLE_FRACTION = 0.01
+# "Near a positive click": within this fraction of the image's long side (at least MASK_CLICK_RADIUS_MIN_PX).
+MASK_CLICK_RADIUS_FRACTION = 0.02
+MASK_CLICK_RADIUS_MIN_PX = 4
+# LaMa's hole is the person mask dilated by this fraction of the image's long side (at least the minimum): SAM's
+# mask is upsampled from 256x256, so its edge is uncertain by a few pixels, and leftovers look worse than a bigger hole.
+MASK_DILATE_FRACTION = 0.015
+MASK_DILATE_MIN_PX = 4
+# LaMa crop (IOPaint's crop strategy): the hole's box plus a margin of context, scaled down so its long side is at
+# most LAMA_WORKING_SIZE, padded to LAMA_MODULO. Margin = max(MIN_PX (IOPaint's default), FRACTION x box long side).
+LAMA_WORKING_SIZE = 1024
+LAMA_CROP_MARGIN_PX = 128
+LAMA_CROP_MARGIN_FRACTION = 0.5
+# Person crop for img2img: the person's box plus a margin, widened to at least this short/long ratio (SD 1.x draws
+# poorly below ~384 px on a side), scaled (up or down) to SD_NATIVE_SIZE on the long side, padded to SD_SIZE_MULTIPLE.
+PERSON_CROP_MARGIN_FRACTION = 0.1
+PERSON_CROP_MARGIN_MIN_PX = 8
+PERSON_CROP_MIN_ASPECT = 0.75
+# Feather of the character's silhouette, in pixels of the SD crop (so it scales with the person, not the photo).
+COMPOSE_FEATHER_PX = 4.0
+# When no person is found the stages still run (an ensemble cannot skip a step): on inputs this small.
+PLACEHOLDER_SIDE = 64
+# Character names (the character store looks them up; this keeps paths and odd bytes out of it).
+CHARACTER_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+# ---------------------------------------------------------------------------------------------------------
+# Stable Diffusion graphs and the diffusion loop (export/sd.py, ensemble/diffusion.py, ensemble/characters.py).
+# ---------------------------------------------------------------------------------------------------------
+# The UNet halves the latent three times and its up path concatenates skips, so exported UNets take latent sides
+# that are multiples of 8, i.e. pixel sides that are multiples of SD_VAE_FACTOR * 8.
+SD_SIZE_MULTIPLE = 64
+# numpy dtype names of the exported graphs' non-float inputs (the serving code builds its tensors with these).
+TEXT_IDS_DTYPE = "int32"  # text_encoder input_ids (TensorRT and Triton prefer int32 indices)
+UNET_TIMESTEP_DTYPE = "float32"  # unet timestep: float so every scheduler (also fractional-timestep ones) fits
+# Guidance below 1 is not classifier-free guidance (1 means the prompt's prediction alone).
+MIN_GUIDANCE = 1.0
+MAX_SEED = 2**63 - 1  # seeds are INT64 on the wire; negative ones are refused
+
+# ---------------------------------------------------------------------------------------------------------
+# LaMa graph (export/lama.py).
+# ---------------------------------------------------------------------------------------------------------
+# Smallest LaMa input side: at 1/LAMA_MODULO scale the 3x3 reflect-padded convolutions need 2 pixels.
+LAMA_MIN_SIDE = 2 * LAMA_MODULO

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -131,7 +132,8 @@ class ServerOptions:
         env = dict(os.environ)
         # The stub embeds the first python3 on PATH: make it this environment's.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        libs = os.pathsep.join(str(p) for p in install.library_dirs)
+        dirs = [*_libpython_dirs(), *install.library_dirs]
+        libs = os.pathsep.join(str(p) for p in dirs)
         if libs:
             env["LD_LIBRARY_PATH"] = f"{env['LD_LIBRARY_PATH']}{os.pathsep}{libs}" if env.get(
                 "LD_LIBRARY_PATH"
@@ -139,6 +141,19 @@ class ServerOptions:
         # Python models import onnxruntime and torch: one thread pool each per stub would oversubscribe.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         return env
+
+
+def _libpython_dirs() -> list[Path]:
+    """The running interpreter's own libpython, for the stub to load.
+
+    The stub links ``libpython3.X.so.1.0`` by soname; without this the loader may find another build of the same
+    minor version (e.g. the OS's 3.11.2 beside a pyenv 3.11.7), and extension modules of this interpreter then fail
+    with undefined symbols (seen: ``_ssl`` needing ``_PyModule_Add``, so ``import diffusers`` failed in a stub).
+    """
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).exists():
+        return [Path(libdir)]
+    return []
 
 
 class TritonServer:

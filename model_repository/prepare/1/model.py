@@ -1,0 +1,37 @@
+"""prepare: SAM's answer -> the public mask and score, and the crops LaMa and Stable Diffusion work on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from isekai import constants as C
+from isekai.ensemble.compose import prepare_person, public_mask
+from isekai.serving import triton
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.name = args["model_name"]
+
+    def execute(self, requests: list) -> list:
+        return triton.respond_each(requests, self._handle, self.name)
+
+    def _handle(self, request) -> list:
+        rgb = triton.required_input(request, "rgb")
+        masks = triton.required_input(request, C.SAM_DEC_OUT_MASKS)
+        iou = triton.required_input(request, C.SAM_DEC_OUT_IOU)
+        p = prepare_person(rgb, masks, triton.required_input(request, "points"),
+                           triton.required_input(request, "labels"))
+        return [
+            triton.bytes_tensor("mask", public_mask(masks)),
+            triton.tensor("score", iou.reshape(1).astype(np.float32)),
+            triton.tensor("found", np.array([p.found])),
+            triton.tensor("person_mask", p.mask.astype(np.uint8)),
+            triton.tensor("hole", p.hole.astype(np.uint8)),
+            triton.tensor("lama_image", p.lama_image),
+            triton.tensor("lama_mask", p.lama_mask),
+            triton.tensor("lama_geometry", p.lama_geometry.to_array()),
+            triton.tensor("person_crop", p.person_image),
+            triton.tensor("person_geometry", p.person_geometry.to_array()),
+            triton.tensor("character_box", p.character_box),
+        ]
