@@ -36,10 +36,27 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--box", type=parse_box, metavar="X0,Y0,X1,Y1", help="a box around the person")
     parser.add_argument(
+        "--low-res-in", type=Path,
+        help="low-resolution logits (.npy, float32 [1,1,256,256]) of an earlier `isekai segment` answer to refine "
+             "(the same clicks and --low-res-in give the same mask in `segment` and `run`)",
+    )
+    parser.add_argument(
         "--url", default=f"localhost:{C.DEFAULT_GRPC_PORT}",
         help="server gRPC address; several comma-separated, or dns:///HOST:PORT, are used round-robin",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+
+
+def read_low_res(path: Path | None):
+    """The ``--low-res-in`` array, or None."""
+    if path is None:
+        return None
+    import numpy as np  # noqa: PLC0415
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"isekai: cannot read --low-res-in {path}: {err}") from None
 
 
 def read_photo(path: Path) -> bytes:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from isekai import constants as C
-from isekai.client.cli_common import add_prompt_arguments, fail, read_photo
+from isekai.client.cli_common import add_prompt_arguments, fail, read_low_res, read_photo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         client = IsekaiClient(args.url, timeout_s=args.timeout)
         out = client.swap(
-            image, args.click, args.negative, args.box, character=args.character, prompt=args.prompt,
+            image, args.click, args.negative, args.box, mask_input=read_low_res(args.low_res_in),
+            character=args.character, prompt=args.prompt,
             strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
             format=_format_for(args.output, args.format),
         )

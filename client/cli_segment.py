@@ -8,16 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from isekai.client.cli_common import add_prompt_arguments, fail, read_photo
+from isekai.client.cli_common import add_prompt_arguments, fail, read_low_res, read_photo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_arguments(parser)
     parser.add_argument("--output", type=Path, required=True, help="where to write the mask (PNG)")
-    parser.add_argument(
-        "--low-res-in", type=Path,
-        help="a previous answer's low-resolution logits (.npy, float32 [1,1,256,256]) to refine",
-    )
     parser.add_argument("--low-res-out", type=Path, help="write this answer's low-resolution logits (.npy) here")
 
 
@@ -25,7 +21,7 @@ def main(args: argparse.Namespace) -> int:
     from isekai.client.client import IsekaiClient  # noqa: PLC0415
 
     image = read_photo(args.photo)
-    previous = np.load(args.low_res_in) if args.low_res_in else None
+    previous = read_low_res(args.low_res_in)
     started = time.perf_counter()
     try:
         out = IsekaiClient(args.url, timeout_s=args.timeout).segment(

@@ -126,6 +126,7 @@ class IsekaiClient:
         negatives: Iterable[Point] = (),
         box: Sequence[float] | None = None,
         *,
+        mask_input: np.ndarray | None = None,
         character: str | None = None,
         prompt: str | None = None,
         strength: float | None = None,
@@ -134,8 +135,14 @@ class IsekaiClient:
         seed: int | None = None,
         format: str | None = None,  # noqa: A002 - the API's own name
     ) -> SwapResult:
-        """The whole swap; options left as None take the server's documented defaults."""
+        """The whole swap; options left as None take the server's documented defaults.
+
+        ``mask_input`` is what :meth:`segment` takes: with the same clicks and ``mask_input`` as a segment call, the
+        swap uses exactly the mask that call returned (:meth:`SegmentSession.swap` does this for a session).
+        """
         inputs = self._prompt_inputs(image, clicks, negatives, box)
+        if mask_input is not None:
+            inputs[api.MASK_INPUT] = np.asarray(mask_input, dtype=np.float32)
         for name, value, dtype in (
             (api.CHARACTER, character, np.object_),
             (api.PROMPT, prompt, np.object_),
@@ -192,6 +199,7 @@ class SegmentSession:
         self.negatives: list[Point] = []
         self.box: Sequence[float] | None = None
         self.last: SegmentResult | None = None
+        self.last_mask_input: np.ndarray | None = None  # what produced ``last``: a swap repeats it
 
     def click(self, point: Point, positive: bool = True) -> SegmentResult:
         (self.clicks if positive else self.negatives).append(point)
@@ -204,4 +212,10 @@ class SegmentSession:
     def _ask(self) -> SegmentResult:
         previous = None if self.last is None else self.last.low_res_mask
         self.last = self.client.segment(self.image, self.clicks, self.negatives, self.box, mask_input=previous)
+        self.last_mask_input = previous
         return self.last
+
+    def swap(self, **options) -> SwapResult:
+        """Generate with the mask last shown: the same clicks, box and ``mask_input`` (options as in ``swap``)."""
+        return self.client.swap(self.image, self.clicks, self.negatives, self.box,
+                                mask_input=self.last_mask_input, **options)

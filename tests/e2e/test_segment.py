@@ -125,14 +125,41 @@ def test_generate_after_clicks_gives_the_same_mask_and_does_not_encode_the_photo
 
     _, photo = fresh_photo
     stats = grpcclient.InferenceServerClient(server.grpc_url)
-    clicks, negatives = [ASTRONAUT_CLICK], [NEGATIVE_CLICK]
-    selected = client.segment(photo, clicks, negatives=negatives)
+    # Two clicks, the second fed the first's low_res_mask, as an interactive session does before generating.
+    session = client.segment_session(photo)
+    session.click(ASTRONAUT_CLICK)
+    selected = session.click(SECOND_CLICK)
     s0, c0 = model_stats(stats), cache_counters(server.metrics_url)
-    swapped = client.swap(photo, clicks, negatives=negatives, steps=2, seed=1)
+    swapped = session.swap(steps=2, seed=1)
     s1, c1 = model_stats(stats), cache_counters(server.metrics_url)
 
     assert swapped.mask == selected.mask
     assert swapped.score == pytest.approx(selected.score, abs=1e-6)
+    assert swapped.result != swapped.background, "no person was found: the test would prove nothing"
     assert c1["hits"] - c0["hits"] == 1 and c1["misses"] == c0["misses"], "the photo was encoded again"
     # The one sam_encoder run is compose's silhouette of the generated character crop, not the photo.
     assert stats_delta(s0, s1)["sam_encoder"].inferences == 1
+
+
+def test_segment_and_run_commands_give_the_same_mask(server, tmp_path, fresh_photo):
+    """The command-line loop: `isekai segment` twice (the second refines the first), then `isekai run`."""
+    import subprocess
+    import sys
+
+    _, photo = fresh_photo
+    (tmp_path / "photo.png").write_bytes(photo)
+
+    def isekai(*argv: str) -> None:
+        cmd = [sys.executable, "-m", "isekai.cli", *argv, "--url", server.grpc_url]
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    click, second = (f"{x:g},{y:g}" for x, y in (ASTRONAUT_CLICK, SECOND_CLICK))
+    isekai("segment", "photo.png", "--click", click, "--output", "m1.png", "--low-res-out", "m1.npy")
+    isekai("segment", "photo.png", "--click", click, "--click", second, "--low-res-in", "m1.npy",
+           "--output", "m2.png")
+    isekai("run", "photo.png", "--click", click, "--click", second, "--low-res-in", "m1.npy", "--steps", "2",
+           "--output", "out.png", "--mask", "run-mask.png")
+    assert (tmp_path / "run-mask.png").read_bytes() == (tmp_path / "m2.png").read_bytes()
+    assert (tmp_path / "m2.png").read_bytes() != (tmp_path / "m1.png").read_bytes()
+    assert (tmp_path / "out.png").stat().st_size > 0
