@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from isekai.client import api
-from isekai.client.stats import model_stats, stats_delta
+from isekai.client.stats import cache_counters, model_stats, stats_delta
 from tests.conftest import ASTRONAUT_CLICK, png_bytes
 
 pytestmark = pytest.mark.e2e
@@ -55,14 +55,18 @@ def test_second_click_served_from_embedding_cache(server, client, astronaut_png)
 
     stats = grpcclient.InferenceServerClient(server.grpc_url)
     fresh = png_bytes(np.asarray(decode(astronaut_png))[::-1].copy())  # bytes no earlier test sent
-    before = model_stats(stats)
-    client.segment(fresh, [ASTRONAUT_CLICK])
-    middle = model_stats(stats)
-    client.segment(fresh, [ASTRONAUT_CLICK], negatives=[(20.0, 20.0)])
-    after = model_stats(stats)
-    assert stats_delta(before, middle)["sam_encoder"].inferences == 1
-    assert stats_delta(middle, after)["sam_encoder"].inferences == 0, "second click re-encoded the image"
-    assert stats_delta(middle, after)["sam_decoder"].inferences == 1
+    before, c0 = model_stats(stats), cache_counters(server.metrics_url)
+    first = client.swap(fresh, [ASTRONAUT_CLICK], **FAST)
+    middle, c1 = model_stats(stats), cache_counters(server.metrics_url)
+    client.swap(fresh, [ASTRONAUT_CLICK, (300.0, 400.0)], **FAST)
+    after, c2 = model_stats(stats), cache_counters(server.metrics_url)
+    assert first.result != first.background, "no person was found: compose's encoder call would not happen"
+    # The first swap encodes the photo and (in compose) the generated character crop; the second only the crop.
+    assert stats_delta(before, middle)["sam_encoder"].inferences == 2
+    assert (c1["misses"] - c0["misses"], c1["hits"] - c0["hits"]) == (1, 0)
+    assert stats_delta(middle, after)["sam_encoder"].inferences == 1, "second click re-encoded the photo"
+    assert (c2["misses"] - c1["misses"], c2["hits"] - c1["hits"]) == (0, 1)
+    assert stats_delta(middle, after)["sam_decoder"].inferences == 2  # the click, and compose's silhouette
 
 
 def grayscale_png(rgb: np.ndarray) -> bytes:
