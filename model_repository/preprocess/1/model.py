@@ -31,15 +31,19 @@ class TritonPythonModel:
         )
         self.characters = CharacterStore(Path(args["model_repository"]).parent)
         self.sam = SamTransform()
-        self.metrics = metrics.CacheMetrics(args["model_name"])
+        self.name = args["model_name"]
+        self.metrics = metrics.CacheMetrics(self.name)
 
     def execute(self, requests: list) -> list:
-        responses = triton.respond_each(requests, self._handle, "preprocess")
+        responses = triton.respond_each(requests, self._handle, self.name)
         self.metrics.update(self.cache.stats())
         return responses
 
     def _handle(self, request) -> list:
         wanted = set(request.requested_output_names())
+        out = {}
+        if "character" in wanted:  # an isekai request: options first, they cost no image decode
+            out.update(self._options(request))
         seg = validate_segment(
             triton.required_input(request, "image"),
             triton.required_input(request, "points"),
@@ -47,26 +51,26 @@ class TritonPythonModel:
             triton.optional_input(request, "box"),
             triton.optional_input(request, "mask_input"),
         )
-        out = {}
-        if "character" in wanted:
-            options = validate_options(**{n: triton.optional_input(request, n) for n in OPTION_NAMES})
-            # The character must exist before any model runs, not fail after the SAM and LaMa work.
-            character = self.characters.get(options.character)
-            out.update(
-                character=np.array([character.name.encode()], dtype=np.object_),
-                prompt=np.array([(options.prompt or "").encode()], dtype=np.object_),
-                strength=np.array([options.strength], np.float32),
-                steps=np.array([options.steps], np.int32),
-                guidance=np.array([options.guidance], np.float32),
-                seed=np.array([options.seed], np.int64),
-                format=np.array([options.format.encode()], dtype=np.object_),
-            )
         size = seg.image.shape[:2]
         out.update(self.sam.decoder_inputs(seg.clicks.points, seg.clicks.labels, seg.clicks.box, size,
                                            mask_input=seg.mask_input))
         out[C.SAM_DEC_IN_EMBEDDINGS] = self._embeddings(seg.image_key, seg.image)
         out["rgb"] = seg.image
         return [triton.tensor(name, value) for name, value in out.items() if name in wanted]
+
+    def _options(self, request) -> dict[str, np.ndarray]:
+        """The isekai options with defaults filled in; the character must exist before any model runs."""
+        options = validate_options(**{n: triton.optional_input(request, n) for n in OPTION_NAMES})
+        character = self.characters.get(options.character)
+        return {
+            "character": np.array([character.name.encode()], dtype=np.object_),
+            "prompt": np.array([(options.prompt or "").encode()], dtype=np.object_),
+            "strength": np.array([options.strength], np.float32),
+            "steps": np.array([options.steps], np.int32),
+            "guidance": np.array([options.guidance], np.float32),
+            "seed": np.array([options.seed], np.int64),
+            "format": np.array([options.format.encode()], dtype=np.object_),
+        }
 
     def _embeddings(self, key: str, rgb: np.ndarray) -> np.ndarray:
         cached = self.cache.get(key)
