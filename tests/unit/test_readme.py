@@ -1,0 +1,48 @@
+"""The README's API defaults and limits quote isekai/constants.py: a changed constant must change the docs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from isekai import constants as C
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def table_row(first_cell: str) -> str:
+    rows = [line for line in README.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert len(rows) == 1, f"README has {len(rows)} table rows starting with {first_cell!r}"
+    return rows[0]
+
+
+@pytest.mark.parametrize(("name", "default"), [
+    ("strength", C.DEFAULT_STRENGTH), ("steps", C.DEFAULT_STEPS), ("guidance", C.DEFAULT_GUIDANCE),
+    ("seed", C.DEFAULT_SEED), ("format", C.DEFAULT_FORMAT),
+])
+def test_api_table_quotes_the_defaults(name, default):
+    cells = [c.strip() for c in table_row(f"`{name}`").split("|")]
+    assert cells[4] == str(default), f"README default of {name}: {cells[4]!r}, constants: {default!r}"
+
+
+def test_limits_table_quotes_the_limits():
+    mib = C.MAX_IMAGE_BYTES // 2**20
+    side = int(C.MAX_IMAGE_PIXELS**0.5)
+    assert f"{mib} MiB" in table_row("encoded image")
+    assert f"{side} x {side}" in table_row("pixels (checked from the header, before decoding)")
+    assert f"at least {C.MIN_IMAGE_SIDE}" in table_row("pixels (checked from the header, before decoding)")
+    assert f"at most {C.MAX_POINTS}" in table_row("clicks")
+    assert f"1 .. {C.MAX_STEPS}" in table_row("steps")
+    assert f"{C.MIN_GUIDANCE:g} .. {C.MAX_GUIDANCE:g}" in table_row("guidance")
+    assert f"at most {C.MAX_PROMPT_CHARS} characters" in table_row("prompt")
+    assert C.CHARACTER_NAME_PATTERN in table_row("character")
+    assert all(f in table_row("format") for f in C.OUTPUT_FORMATS)
+
+
+def test_cache_bounds_quoted_where_the_cache_is_described():
+    assert f"{C.EMBEDDING_CACHE_ENTRIES} entries, {C.EMBEDDING_CACHE_BYTES // 2**20} MiB" in README
+    config = (ROOT / "model_repository" / C.PREPROCESS_MODEL / "config.pbtxt").read_text()
+    assert re.search(rf'"cache_entries" value: {{ string_value: "{C.EMBEDDING_CACHE_ENTRIES}" }}', config)
+    assert re.search(rf'"cache_bytes" value: {{ string_value: "{C.EMBEDDING_CACHE_BYTES}" }}', config)
