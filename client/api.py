@@ -36,6 +36,9 @@ BACKGROUND = "background"  # BYTES [1] the encoded scene without the person
 SCORE = "score"  # FP32 [1] the chosen mask's predicted IoU
 LOW_RES_MASK = "low_res_mask"  # FP32 [1,1,256,256] (isekai_segment) feed back as mask_input
 
+# The API's optional inputs (documented defaults); the others are required. The configs declare every input
+# optional so that a missing required one reaches preprocess, which refuses it naming the input (Triton 2.51
+# only counts inputs, and an ensemble missing a required one failed with "unexpected deadlock").
 SWAP_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT)
 SWAP_OPTIONAL = (BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT)
 SWAP_OUTPUTS = (RESULT, MASK, BACKGROUND, SCORE)

@@ -209,7 +209,8 @@ def _not_found(image: np.ndarray, lama_working_size: int, sd_multiple: int) -> P
     h, w = image.shape[:2]
     empty = np.zeros((h, w), dtype=bool)
     side = min(C.PLACEHOLDER_SIDE, lama_working_size)
-    lama_geometry = CropGeometry.plan((0, 0, w, h), long_side=side, multiple=C.LAMA_MODULO, upscale=True)
+    lama_geometry = CropGeometry.plan((0, 0, w, h), long_side=side, multiple=C.LAMA_MODULO, upscale=True,
+                                      min_side=C.LAMA_MIN_SIDE)
     lama_image, lama_mask = lama_inputs(image, empty, lama_geometry)
     person_image, person_geometry = whole_image_crop(image, C.PLACEHOLDER_SIDE, sd_multiple)
     character_box = np.array([0, 0, person_geometry.work_w, person_geometry.work_h], dtype=np.float32)

@@ -47,9 +47,12 @@ class CropGeometry:
 
     # -- construction and serialization ------------------------------------------------------------------------
     @classmethod
-    def plan(cls, box: BoxXYXY, *, long_side: int, multiple: int, upscale: bool) -> CropGeometry:
+    def plan(
+        cls, box: BoxXYXY, *, long_side: int, multiple: int, upscale: bool, min_side: int = 1
+    ) -> CropGeometry:
         """Geometry for a scene ``box`` resized so its long side is ``long_side`` (never enlarged unless
-        ``upscale``), each side rounded to the nearest pixel, then padded up to a multiple of ``multiple``."""
+        ``upscale``), each side rounded to the nearest pixel, then padded up to a multiple of ``multiple`` and to
+        at least ``min_side`` (a model's smallest input side: a thin photo's crop is padded, not stretched)."""
         x0, y0, x1, y1 = (int(v) for v in box)
         bh, bw = y1 - y0, x1 - x0
         if bh <= 0 or bw <= 0:
@@ -58,7 +61,8 @@ class CropGeometry:
         if not upscale:
             scale = min(scale, 1.0)
         work_h, work_w = max(1, _round(bh * scale)), max(1, _round(bw * scale))
-        return cls(x0, y0, x1, y1, work_h, work_w, _ceil_to(work_h, multiple), _ceil_to(work_w, multiple))
+        out_h, out_w = (_ceil_to(max(side, min_side), multiple) for side in (work_h, work_w))
+        return cls(x0, y0, x1, y1, work_h, work_w, out_h, out_w)
 
     def to_array(self) -> np.ndarray:
         """int64 ``[8]``: ``x0, y0, x1, y1, work_h, work_w, out_h, out_w``."""
@@ -194,7 +198,7 @@ def lama_crop(
         hole: bool ``[H, W]`` pixels to fill (the dilated person mask); must not be empty.
         margin: context pixels around the hole's box; default :func:`lama_margin`.
         working_size: the crop is shrunk (never enlarged) so its long side is at most this.
-        multiple: the padded sides are multiples of this (LaMa's ``LAMA_MODULO``).
+        multiple: the padded sides are multiples of this (LaMa's ``LAMA_MODULO``), and at least ``LAMA_MIN_SIDE``.
 
     Returns:
         ``image`` float32 ``[1, 3, h, w]`` in 0..1, ``mask`` float32 ``[1, 1, h, w]`` (1 = hole, a superset of
@@ -204,7 +208,8 @@ def lama_crop(
     if box is None:
         raise ValueError("hole is empty: there is nothing for LaMa to fill")
     crop_box = expand_box(box, lama_margin(box) if margin is None else int(margin), image.shape[:2])
-    geometry = CropGeometry.plan(crop_box, long_side=working_size, multiple=multiple, upscale=False)
+    geometry = CropGeometry.plan(crop_box, long_side=working_size, multiple=multiple, upscale=False,
+                                 min_side=C.LAMA_MIN_SIDE)
     return (*lama_inputs(image, hole, geometry), geometry)
 
 

@@ -146,8 +146,8 @@ def click_arrays(points: Any, labels: Any, box: Any) -> Clicks:
         if not (x0 < x1 and y0 < y1):
             raise ValueError(f"box must have x0 < x1 and y0 < y1 but is {bx_out.tolist()}")
     if bx_out is None and not (lbl == 1).any():
-        raise ValueError(f"the prompt needs at least one positive click (label 1) or a box but has "
-                         f"{n} point(s) with labels {lbl.astype(int).tolist()} and no box")
+        raise ValueError(f"points/labels need at least one positive click (label 1), or send a box; got {n} "
+                         f"point(s) with labels {lbl.astype(int).tolist()} and no box")
     return Clicks(pts, lbl.astype(np.int32), bx_out)
 
 
@@ -244,8 +244,8 @@ def _numeric_array(name: str, value: Any) -> np.ndarray:
         arr = np.asarray(value)
     except Exception as exc:  # ragged lists and the like
         raise ValueError(f"{name} must be a numeric array but is {type(value).__name__} ({exc})") from exc
-    if arr.size == 0:
-        return arr
+    if arr.size == 0:  # empty means "not sent", whatever its dtype (an empty BYTES tensor included)
+        return np.zeros(arr.shape, np.float64)
     if arr.dtype.kind not in _NUMERIC_KINDS:
         raise ValueError(f"{name} must be numeric but has dtype {arr.dtype}")
     return arr if arr.dtype.kind in "iu" else arr.astype(np.float64)

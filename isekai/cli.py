@@ -14,6 +14,7 @@ COMMANDS = {
     "run": ("isekai.client.cli_run", "send a photo and clicks, get the scene with the character"),
     "segment": ("isekai.client.cli_segment", "send a photo and clicks, get the person mask only"),
     "demo": ("isekai.demo", "make small checkpoints, serve them, send one real photo"),
+    "load": ("isekai.client.cli_load", "a bounded load run: concurrent clients, counts and latencies"),
 }
 
 

@@ -129,6 +129,29 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
+# isekai serve runs Triton with explicit model control, the model-repository API closed behind this header (the
+# caller's --admin-key, or a random key only the supervisor holds): it is how a dead Python-backend stub's model is
+# reloaded and how the public models are unloaded first on shutdown.
+ADMIN_KEY_HEADER = "isekai-admin-key"
+# The Triton APIs behind that key: loading/unloading models, and changing the server's trace and log settings
+# (read-only metadata, health, statistics and inference stay open).
+RESTRICTED_APIS = ("model-repository", "trace", "logging")
+# Triton's gRPC endpoint expects restricted-protocol headers with this prefix (HTTP takes the header as it is):
+# gRPC callers send "triton-grpc-protocol-isekai-admin-key: KEY".
+GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+# Unloaded first when isekai serve drains: readiness goes false and new requests are refused at once, while the
+# requests already inside them finish.
+PUBLIC_MODELS = (ENSEMBLE_MODEL, SEGMENT_MODEL)
+# A config parameter the supervisor changes to make Triton really reload a model (a load of an unchanged model
+# keeps its instances, dead stub included).
+RELOAD_PARAMETER = "isekai_reload"
+# After the public models drained on shutdown, how long Triton may take to unload the rest before its process
+# group is killed (seconds): an instance whose stub died never finishes unloading on Triton 2.51.
+SHUTDOWN_UNLOAD_S = 15.0
+# How often isekai serve looks for dead stubs and a dead server (seconds).
+SUPERVISOR_INTERVAL_S = 0.5
+# The Python backend's stub executable (one process per model instance, children of tritonserver).
+PYTHON_STUB_NAME = "triton_python_backend_stub"
 
 # ---------------------------------------------------------------------------------------------------------
 # Image decoding/encoding, mask cleanup, crops and compositing (ensemble/images.py, masks.py, crops.py,

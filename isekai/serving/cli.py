@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from isekai import constants as C
-from isekai.serving.server import ServerOptions, TritonServer
+from isekai.serving.server import ServerOptions
+from isekai.serving.supervisor import Supervisor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,16 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model config profile: reads <model>/configs/PROFILE.pbtxt where present (e.g. gpu); default config.pbtxt",
     )
     parser.add_argument(
-        "--model-control", choices=("none", "explicit"), default="none",
-        help="explicit enables load/unload through the repository API (protect it with --admin-key)",
-    )
-    parser.add_argument(
         "--admin-key", default=None,
-        help="HEADER=VALUE (or VALUE for header isekai-admin-key) required on model-repository API calls",
+        help="HEADER=VALUE (or VALUE for header isekai-admin-key): callers sending it may use the model-repository "
+        "API (load/unload/index); without this flag that API is closed to every caller",
     )
     parser.add_argument(
         "--grace", type=float, default=60.0,
-        help="seconds in-flight requests get to finish after SIGTERM/SIGINT before the server is killed",
+        help="seconds in-flight requests get to finish after SIGTERM/SIGINT before the server is killed "
+        "(readiness goes false and new requests are refused at once)",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (0 = info)")
     parser.add_argument("--log-file", type=Path, default=None, help="write the server log here instead of stdout")
@@ -45,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.repository.is_dir():
         print(f"isekai serve: model repository {args.repository} is not a folder", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO, format="isekai serve: %(levelname)s %(message)s")
     options = ServerOptions(
         repository=args.repository,
         host=args.host,
@@ -52,32 +54,32 @@ def main(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         metrics_port=args.metrics_port,
         model_config_name=args.profile,
-        model_control=args.model_control,
-        load_models=("*",) if args.model_control == "explicit" else (),
-        admin_key=args.admin_key,
+        # Explicit control behind a key: how the supervisor reloads a model whose stub died and drains on exit.
+        model_control="explicit",
+        load_models=("*",),
+        admin_key=args.admin_key or secrets.token_urlsafe(24),
         log_verbose=args.log_verbose,
-        exit_timeout_s=int(args.grace),
+        exit_timeout_s=max(int(args.grace), 1),
     )
-    server = TritonServer(options, log_path=args.log_file)
+    try:
+        supervisor = Supervisor(options, log_path=args.log_file)
+    except ValueError as err:  # a malformed --admin-key
+        print(f"isekai serve: {err}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server.start()
     try:
-        server.wait_ready()
+        supervisor.start()
     except (RuntimeError, TimeoutError) as err:
         print(f"isekai serve: {err}", file=sys.stderr)
-        server.stop(grace_s=5)
         return 1
+    server = supervisor.server
     print(
         f"isekai serving {args.repository}: gRPC {server.grpc_url}, HTTP {server.http_url}, "
         f"metrics {server.metrics_url}",
         flush=True,
     )
-    while not stop.wait(0.5):
-        if server.process.poll() is not None:
-            print(f"isekai serve: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
-            return 1
-    print("isekai serve: draining in-flight requests, then stopping", flush=True)
-    code = server.stop(grace_s=args.grace)
-    return 0 if code in (0, -signal.SIGINT) else 1
+    code = supervisor.run(stop, grace_s=args.grace)
+    print(f"isekai serve: stopped (exit code {code})", flush=True)
+    return code

@@ -92,7 +92,7 @@ class ServerOptions:
     model_config_name: str | None = None
     model_control: str = "none"  # "explicit" enables load/unload through the repository API
     load_models: tuple[str, ...] = ()  # with explicit control: what to load at start ("*" for all)
-    admin_key: str | None = None  # protects the model-repository API (restricted-protocol header)
+    admin_key: str | None = None  # protects the model-repository, trace and logging APIs (restricted header)
     log_verbose: int = 0
     exit_timeout_s: int = 30
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -120,11 +120,10 @@ class ServerOptions:
         for name in self.load_models:
             cmd.append(f"--load-model={name}")
         if self.admin_key:
-            header, _, value = self.admin_key.partition("=")
-            if not value:
-                header, value = "isekai-admin-key", header
-            cmd.append(f"--grpc-restricted-protocol=model-repository:{header}={value}")
-            cmd.append(f"--http-restricted-api=model-repository:{header}={value}")
+            header, value = admin_header(self.admin_key)
+            apis = ",".join(C.RESTRICTED_APIS)
+            cmd.append(f"--grpc-restricted-protocol={apis}:{header}={value}")
+            cmd.append(f"--http-restricted-api={apis}:{header}={value}")
         cmd.extend(self.extra_args)
         return cmd
 
@@ -141,6 +140,16 @@ class ServerOptions:
         # Python models import onnxruntime and torch: one thread pool each per stub would oversubscribe.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         return env
+
+
+def admin_header(admin_key: str) -> tuple[str, str]:
+    """``"HEADER=VALUE"`` or ``"VALUE"`` (header :data:`isekai.constants.ADMIN_KEY_HEADER`) -> ``(header, value)``."""
+    header, _, value = admin_key.partition("=")
+    if not value:
+        header, value = C.ADMIN_KEY_HEADER, header
+    if not header or not value:
+        raise ValueError(f"admin key must be HEADER=VALUE or VALUE, not {admin_key!r}")
+    return header, value
 
 
 def _libpython_dirs() -> list[Path]:

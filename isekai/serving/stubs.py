@@ -1,0 +1,93 @@
+"""The Python-backend stub processes of a tritonserver, and a watchdog that notices when one dies.
+
+Each Python-model instance runs in its own ``triton_python_backend_stub`` process, a child of tritonserver, whose
+command line names the instance's ``<repository>/<model>/<version>/model.py``. Seen on Triton 2.51 (the
+nvidia-pytriton build): when a stub is killed (``kill -9``, the OOM killer, a segfault in an extension), Triton
+neither restarts it nor reaps it. The stub stays a zombie, every later request to that model fails with
+"Stub process '<model>_0_0' is not healthy", and the server and the model still report ready. A normal unload
+(or reload) reaps its stubs, so a zombie stub means a crash.
+
+:class:`StubWatchdog` remembers which model each live stub serves and reports a model once when one of its stubs
+turns into a zombie; ``isekai serve`` then reloads that model (:meth:`RepositoryAPI.reload`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from isekai import constants as C
+
+_PROC = Path("/proc")
+# The kernel's 15-character comm of a stub (what a zombie, whose command line is gone, still shows).
+_STUB_COMM = C.PYTHON_STUB_NAME[:15]
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    pid: int
+    ppid: int
+    model: str  # the model folder's name; "" for a zombie (its command line is gone)
+    model_file: str  # the model.py path from the command line; "" for a zombie
+    zombie: bool
+
+
+def _read(pid: str) -> StubProcess | None:
+    try:
+        stat = (_PROC / pid / "stat").read_text()
+        cmdline = (_PROC / pid / "cmdline").read_bytes().split(b"\0")
+    except OSError:  # gone meanwhile, or not ours to read
+        return None
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+    if cmdline and cmdline[0].endswith(C.PYTHON_STUB_NAME.encode()) and len(cmdline) > 1:
+        model_file = cmdline[1].decode(errors="replace")
+        return StubProcess(int(pid), int(ppid), Path(model_file).parent.parent.name, model_file, state == "Z")
+    if comm == _STUB_COMM and state == "Z":
+        return StubProcess(int(pid), int(ppid), "", "", True)
+    return None
+
+
+def all_stubs() -> list[StubProcess]:
+    """Every Python-backend stub process on this machine (that this user may read), zombies included."""
+    found = (_read(p) for p in os.listdir(_PROC) if p.isdigit())
+    return [s for s in found if s is not None]
+
+
+def server_stubs(server_pid: int) -> list[StubProcess]:
+    """The stubs (live and zombie) whose parent is the tritonserver ``server_pid``."""
+    return [s for s in all_stubs() if s.ppid == server_pid]
+
+
+def repository_stubs(repository: Path) -> list[StubProcess]:
+    """Live stubs serving a model of ``repository``, whatever their parent: after a server stopped, none may be
+    left (an orphan keeps its memory and, on a GPU, its device memory)."""
+    root = str(Path(repository).resolve()) + os.sep
+    return [s for s in all_stubs() if s.model_file.startswith(root) and not s.zombie]
+
+
+class StubWatchdog:
+    """Reports each model whose stub died, once per dead stub."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._models: dict[int, str] = {}  # pid of a stub seen alive -> its model
+        self._reported: set[int] = set()
+
+    def check(self) -> list[str]:
+        """Models (sorted, without repeats) with a stub that died since the last call."""
+        current = server_stubs(self.server_pid)
+        dead: set[str] = set()
+        for stub in current:
+            if not stub.zombie:
+                self._models[stub.pid] = stub.model
+            elif stub.pid in self._models and stub.pid not in self._reported:
+                dead.add(self._models[stub.pid])
+                self._reported.add(stub.pid)
+        present = {s.pid for s in current}
+        for pid in list(self._models):  # reaped: a normal unload; pids may be reused
+            if pid not in present:
+                del self._models[pid]
+                self._reported.discard(pid)
+        return sorted(dead)
