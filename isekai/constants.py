@@ -129,6 +129,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
+# Repository URLs Triton downloads itself (S3, Google Cloud Storage, Azure): isekai serve passes them through.
+REMOTE_REPOSITORY_SCHEMES = ("s3://", "gs://", "as://")
+# How long isekai serve lets in-flight requests finish after SIGTERM/SIGINT (--grace, seconds).
+DEFAULT_DRAIN_GRACE_S = 60.0
 # isekai serve runs Triton with explicit model control, the model-repository API closed behind this header (the
 # caller's --admin-key, or a random key only the supervisor holds): it is how a dead Python-backend stub's model is
 # reloaded and how the public models are unloaded first on shutdown.
@@ -139,9 +143,11 @@ RESTRICTED_APIS = ("model-repository", "trace", "logging")
 # Triton's gRPC endpoint expects restricted-protocol headers with this prefix (HTTP takes the header as it is):
 # gRPC callers send "triton-grpc-protocol-isekai-admin-key: KEY".
 GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
-# Unloaded first when isekai serve drains: readiness goes false and new requests are refused at once, while the
-# requests already inside them finish.
-PUBLIC_MODELS = (ENSEMBLE_MODEL, SEGMENT_MODEL)
+# Unloaded first when isekai serve drains, in this order: readiness goes false and new requests are refused at once,
+# while the requests already inside them finish. Readiness turns false with the first unload, so the other model
+# takes requests for the moment between the two calls: the mask-only model goes first, as a click that slips through
+# costs milliseconds and a swap minutes.
+PUBLIC_MODELS = (SEGMENT_MODEL, ENSEMBLE_MODEL)
 # A config parameter the supervisor changes to make Triton really reload a model (a load of an unchanged model
 # keeps its instances, dead stub included).
 RELOAD_PARAMETER = "isekai_reload"

@@ -84,7 +84,7 @@ def find_tritonserver() -> TritonInstall:
 class ServerOptions:
     """How to run Triton. Ports of 0 are not allowed by Triton: pick free ones with :func:`free_port`."""
 
-    repository: Path
+    repository: Path | str  # a folder, or a Triton cloud-storage URL (see :func:`is_remote_repository`)
     host: str = C.DEFAULT_HOST
     grpc_port: int = C.DEFAULT_GRPC_PORT
     http_port: int = C.DEFAULT_HTTP_PORT
@@ -100,7 +100,7 @@ class ServerOptions:
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
             str(install.binary),
-            f"--model-repository={Path(self.repository).resolve()}",
+            f"--model-repository={repository_argument(self.repository)}",
             f"--backend-directory={install.backend_dir}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
@@ -140,6 +140,16 @@ class ServerOptions:
         # Python models import onnxruntime and torch: one thread pool each per stub would oversubscribe.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         return env
+
+
+def is_remote_repository(repository: Path | str) -> bool:
+    """Whether ``repository`` names object storage that Triton reads itself (``s3://``, ``gs://``, ``as://``)."""
+    return str(repository).startswith(C.REMOTE_REPOSITORY_SCHEMES)
+
+
+def repository_argument(repository: Path | str) -> str:
+    """``--model-repository``'s value: a cloud URL as it is, a folder as an absolute path."""
+    return str(repository) if is_remote_repository(repository) else str(Path(repository).resolve())
 
 
 def admin_header(admin_key: str) -> tuple[str, str]:

@@ -5,15 +5,20 @@ command line names the instance's ``<repository>/<model>/<version>/model.py``. S
 nvidia-pytriton build): when a stub is killed (``kill -9``, the OOM killer, a segfault in an extension), Triton
 neither restarts it nor reaps it. The stub stays a zombie, every later request to that model fails with
 "Stub process '<model>_0_0' is not healthy", and the server and the model still report ready. A normal unload
-(or reload) reaps its stubs, so a zombie stub means a crash.
+(or reload) reaps its stubs, so a zombie stub means a crash. But the dead stub does not always stay a zombie: a
+request that reaches it first makes Triton's health check reap it (seen: the pid simply vanished, and every later
+request failed the same way).
 
 :class:`StubWatchdog` remembers which model each live stub serves and reports a model once when one of its stubs
-turns into a zombie; ``isekai serve`` then reloads that model (:meth:`RepositoryAPI.reload`).
+turns into a zombie, or vanishes while its model is still loaded with no new stub in its place (a reload or an
+unload starts new stubs, or takes the model out of READY, first); ``isekai serve`` then reloads that model
+(:meth:`RepositoryAPI.reload`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,26 +73,42 @@ def repository_stubs(repository: Path) -> list[StubProcess]:
 
 
 class StubWatchdog:
-    """Reports each model whose stub died, once per dead stub."""
+    """Reports each model whose stub died, once per dead stub.
 
-    def __init__(self, server_pid: int) -> None:
+    ``loaded(model)`` says whether Triton still has the model loaded (READY): a stub that vanishes from a loaded
+    model with no new stub beside it was reaped by Triton after it died, not by an unload. Without it, only
+    zombies are reported.
+    """
+
+    def __init__(self, server_pid: int, loaded: Callable[[str], bool] | None = None) -> None:
         self.server_pid = server_pid
+        self.loaded = loaded
         self._models: dict[int, str] = {}  # pid of a stub seen alive -> its model
+        self._first_seen: dict[int, int] = {}  # pid -> the check that first saw it alive
+        self._checks = 0
         self._reported: set[int] = set()
 
     def check(self) -> list[str]:
         """Models (sorted, without repeats) with a stub that died since the last call."""
+        self._checks += 1
         current = server_stubs(self.server_pid)
         dead: set[str] = set()
         for stub in current:
-            if not stub.zombie:
-                self._models[stub.pid] = stub.model
-            elif stub.pid in self._models and stub.pid not in self._reported:
+            if stub.zombie and stub.pid in self._models and stub.pid not in self._reported:
                 dead.add(self._models[stub.pid])
                 self._reported.add(stub.pid)
+        live = {s.pid: s.model for s in current if not s.zombie}
+        for pid, model in live.items():
+            if pid not in self._models:
+                self._models[pid], self._first_seen[pid] = model, self._checks
         present = {s.pid for s in current}
-        for pid in list(self._models):  # reaped: a normal unload; pids may be reused
-            if pid not in present:
-                del self._models[pid]
+        for pid in [p for p in self._models if p not in present]:
+            model, seen = self._models.pop(pid), self._first_seen.pop(pid)
+            if pid in self._reported:  # the zombie we reported was reaped by the reload
                 self._reported.discard(pid)
+                continue
+            # A reload starts the new stubs before it stops the old ones: a newer stub of the model is its successor.
+            replaced = any(m == model and self._first_seen[p] > seen for p, m in live.items())
+            if not replaced and self.loaded is not None and self.loaded(model):
+                dead.add(model)
         return sorted(dead)

@@ -43,7 +43,7 @@ class Supervisor:
     def start(self, timeout_s: float = 600.0) -> None:
         """Start Triton and wait until it is ready; the watchdog learns every stub while the models load."""
         self.server.start()
-        self.watchdog = StubWatchdog(self.server.process.pid)
+        self.watchdog = StubWatchdog(self.server.process.pid, loaded=self._loaded)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -76,6 +76,13 @@ class Supervisor:
         finally:
             if self.server.process.poll() is None:  # an unexpected error above: never leave Triton behind
                 self.server.stop(grace_s=5)
+
+    def _loaded(self, model: str) -> bool:
+        try:
+            return self.repository.states().get(model) == "READY"
+        except RepositoryError as err:
+            log.warning("stub watchdog: %s", err)
+            return False
 
     def check_stubs(self) -> list[str]:
         """Reload every model whose stub died since the last check; returns those models."""

@@ -215,18 +215,17 @@ def test_probes_give_a_multi_gigabyte_model_load_room_and_then_watch_health(over
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_follows_the_drain_rule(overlay):
-    """grace >= preStop sleep (endpoint removal) + Triton's exit timeout (drain) + the longest request."""
+    """grace >= preStop sleep (endpoint removal) + the longest request (isekai serve's drain) + the unload."""
     objects = rendered(f"overlays/{overlay}")
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     pre_stop = container(objects)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    env = serving_env(objects)
-    needed = int(pre_stop[1]) + int(env["ISEKAI_EXIT_TIMEOUT_S"]) + int(env["ISEKAI_LONGEST_REQUEST_S"])
+    longest = int(serving_env(objects)["ISEKAI_LONGEST_REQUEST_S"])
+    needed = int(pre_stop[1]) + longest + int(C.SHUTDOWN_UNLOAD_S)
     assert int(pre_stop[1]) >= 5, "endpoint removal takes seconds to reach every kube-proxy"
     assert pod["terminationGracePeriodSeconds"] >= needed, (
         f"{overlay}: terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} < preStop "
-        f"{pre_stop[1]} + exit timeout {env['ISEKAI_EXIT_TIMEOUT_S']} + longest request "
-        f"{env['ISEKAI_LONGEST_REQUEST_S']}"
+        f"{pre_stop[1]} + longest request {longest} + unload {C.SHUTDOWN_UNLOAD_S:.0f}"
     )
 
 
@@ -241,11 +240,10 @@ def test_readme_drain_table_matches_the_overlays():
     assert set(documented) == set(OVERLAYS)
     for overlay, numbers in documented.items():
         objects = rendered(f"overlays/{overlay}")
-        env = serving_env(objects)
         actual = (
             int(container(objects)["lifecycle"]["preStop"]["exec"]["command"][1]),
-            int(env["ISEKAI_EXIT_TIMEOUT_S"]),
-            int(env["ISEKAI_LONGEST_REQUEST_S"]),
+            int(serving_env(objects)["ISEKAI_LONGEST_REQUEST_S"]),
+            int(C.SHUTDOWN_UNLOAD_S),
             one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
         )
         assert numbers == actual, f"README drain row for {overlay}: {numbers}, manifests: {actual}"
@@ -412,7 +410,7 @@ def test_dockerfile_is_the_pinned_triton_image_with_the_project_and_no_weights()
 
     (entrypoint,) = [a for i, a in instructions if i == "ENTRYPOINT"]
     assert yaml.safe_load(entrypoint) == ["/usr/local/bin/isekai-triton"], (
-        "exec form: tritonserver gets SIGTERM"
+        "exec form: isekai serve gets SIGTERM"
     )
     assert any(
         i == "COPY" and a.endswith("k8s/triton-entrypoint.sh /usr/local/bin/isekai-triton")

@@ -1,5 +1,8 @@
 """A tiny Triton repository for the k8s tests: one Python-backend model that sleeps, behind an ensemble.
 
+With ``bls=True`` the sleeper also calls a second Python model (``echo``) through BLS between its sleeps, as the
+diffusion model calls ``unet``: a drain must let those calls through until the request is done.
+
 The ensemble is named like the public model (``isekai``) and the sleeper runs one instance without batching,
 so concurrent requests queue in front of it exactly where the real pipeline's requests queue (in the
 composing models, not in the ensemble itself). A ``configs/gpu.pbtxt`` beside the sleeper's config proves
@@ -16,6 +19,8 @@ import tritonclient.grpc as grpcclient
 from isekai import constants as C
 
 SLEEPER = "sleeper"
+ECHO = "echo"
+BLS_CALLS = 3
 PROFILE_OUTPUT = "profile"
 
 _MODEL_PY = """
@@ -31,12 +36,22 @@ class TritonPythonModel:
         params = json.loads(args["model_config"]).get("parameters", {})
         self.sleep_s = float(params["sleep_ms"]["string_value"]) / 1000.0
         self.profile = params["profile"]["string_value"]
+        self.bls_model = params.get("bls_model", {}).get("string_value", "")
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            time.sleep(self.sleep_s)  # the work: concurrent requests wait in Triton's queue meanwhile
             x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+            if not self.bls_model:
+                time.sleep(self.sleep_s)  # the work: concurrent requests wait in Triton's queue meanwhile
+            for _ in range({calls} if self.bls_model else 0):
+                time.sleep(self.sleep_s / {calls})
+                reply = pb_utils.InferenceRequest(
+                    model_name=self.bls_model, requested_output_names=["y"], inputs=[pb_utils.Tensor("x", x)]
+                ).exec()
+                if reply.has_error():
+                    raise pb_utils.TritonModelException(reply.error().message())
+                x = pb_utils.get_output_tensor_by_name(reply, "y").as_numpy()
             profile = np.array([self.profile.encode()], dtype=np.object_)
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor("y", x), pb_utils.Tensor("{profile}", profile),
@@ -44,8 +59,27 @@ class TritonPythonModel:
         return responses
 """
 
+_ECHO_PY = """
+import triton_python_backend_utils as pb_utils
 
-def _sleeper_config(profile: str, sleep_ms: int) -> str:
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+"""
+
+_ECHO_CONFIG = f"""
+name: "{ECHO}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+
+
+def _sleeper_config(profile: str, sleep_ms: int, bls_model: str = "") -> str:
     return f"""
 name: "{SLEEPER}"
 backend: "python"
@@ -58,6 +92,7 @@ output [
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 parameters {{ key: "sleep_ms" value: {{ string_value: "{sleep_ms}" }} }}
 parameters {{ key: "profile" value: {{ string_value: "{profile}" }} }}
+parameters {{ key: "bls_model" value: {{ string_value: "{bls_model}" }} }}
 """
 
 
@@ -80,14 +115,22 @@ ensemble_scheduling {{ step [ {{
 """
 
 
-def write_tiny_repository(root: Path, sleep_ms: int = 20) -> Path:
-    """Write the repository under ``root`` and return it; ``sleep_ms`` is the sleeper's time per request."""
+def write_tiny_repository(root: Path, sleep_ms: int = 20, bls: bool = False) -> Path:
+    """Write the repository under ``root`` and return it; ``sleep_ms`` is the sleeper's time per request, spread
+    over :data:`BLS_CALLS` BLS calls to ``echo`` with ``bls``."""
     sleeper = root / SLEEPER
     (sleeper / C.MODEL_VERSION).mkdir(parents=True)
     (sleeper / "configs").mkdir()
-    (sleeper / C.MODEL_VERSION / "model.py").write_text(_MODEL_PY.replace("{profile}", PROFILE_OUTPUT))
-    (sleeper / "config.pbtxt").write_text(_sleeper_config("default", sleep_ms))
-    (sleeper / "configs" / "gpu.pbtxt").write_text(_sleeper_config("gpu", sleep_ms))
+    model_py = _MODEL_PY.replace("{profile}", PROFILE_OUTPUT).replace("{calls}", str(BLS_CALLS))
+    (sleeper / C.MODEL_VERSION / "model.py").write_text(model_py)
+    bls_model = ECHO if bls else ""
+    (sleeper / "config.pbtxt").write_text(_sleeper_config("default", sleep_ms, bls_model))
+    (sleeper / "configs" / "gpu.pbtxt").write_text(_sleeper_config("gpu", sleep_ms, bls_model))
+    if bls:
+        echo = root / ECHO
+        (echo / C.MODEL_VERSION).mkdir(parents=True)
+        (echo / C.MODEL_VERSION / "model.py").write_text(_ECHO_PY)
+        (echo / "config.pbtxt").write_text(_ECHO_CONFIG)
     ensemble = root / C.ENSEMBLE_MODEL
     (ensemble / C.MODEL_VERSION).mkdir(parents=True)
     (ensemble / "config.pbtxt").write_text(_ENSEMBLE)

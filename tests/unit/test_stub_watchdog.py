@@ -1,0 +1,90 @@
+"""The stub watchdog's rules on made-up process tables: which disappearances are crashes and which are unloads."""
+
+from __future__ import annotations
+
+import pytest
+
+from isekai.serving import stubs
+from isekai.serving.stubs import StubProcess, StubWatchdog
+
+SERVER = 100
+
+
+def alive(pid: int, model: str) -> StubProcess:
+    return StubProcess(pid, SERVER, model, f"/repo/{model}/1/model.py", zombie=False)
+
+
+def zombie(pid: int) -> StubProcess:
+    return StubProcess(pid, SERVER, "", "", zombie=True)
+
+
+@pytest.fixture
+def table(monkeypatch):
+    current: list[StubProcess] = []
+    monkeypatch.setattr(stubs, "server_stubs", lambda pid: list(current) if pid == SERVER else [])
+    return current
+
+
+def test_a_zombie_is_reported_once(table):
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
+    table[:] = [alive(1, "unet"), alive(2, "lama")]
+    assert watchdog.check() == []
+    table[:] = [zombie(1), alive(2, "lama")]
+    assert watchdog.check() == ["unet"]
+    assert watchdog.check() == []
+    table[:] = [alive(3, "unet"), alive(2, "lama")]  # the reload reaped the zombie and started a new stub
+    assert watchdog.check() == []
+
+
+def test_a_stub_reaped_by_triton_while_its_model_is_loaded_is_reported(table):
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
+    table[:] = [alive(1, "echo"), alive(2, "sleeper")]
+    watchdog.check()
+    table[:] = [alive(2, "sleeper")]
+    assert watchdog.check() == ["echo"]
+    assert watchdog.check() == []
+
+
+def test_a_reload_that_replaces_the_stub_is_not_a_crash(table):
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
+    table[:] = [alive(1, "echo")]
+    watchdog.check()
+    table[:] = [alive(5, "echo")]
+    assert watchdog.check() == []
+
+
+def test_a_reload_seen_in_two_steps_is_not_a_crash(table):
+    """The new stub shows up in one check and the old one is gone only in the next."""
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
+    table[:] = [alive(1, "sam_decoder")]
+    watchdog.check()
+    table[:] = [alive(1, "sam_decoder"), alive(7, "sam_decoder")]
+    assert watchdog.check() == []
+    table[:] = [alive(7, "sam_decoder")]
+    assert watchdog.check() == []
+
+
+def test_one_of_two_instances_dying_is_a_crash(table):
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
+    table[:] = [alive(1, "unet"), alive(2, "unet")]
+    watchdog.check()
+    table[:] = [alive(2, "unet")]
+    assert watchdog.check() == ["unet"]
+
+
+def test_an_unload_is_not_a_crash(table):
+    states = {"echo": "READY"}
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: states.get(model) == "READY")
+    table[:] = [alive(1, "echo")]
+    watchdog.check()
+    states["echo"] = "UNAVAILABLE"
+    table[:] = []
+    assert watchdog.check() == []
+
+
+def test_without_the_loaded_check_only_zombies_count(table):
+    watchdog = StubWatchdog(SERVER)
+    table[:] = [alive(1, "echo"), alive(2, "unet")]
+    watchdog.check()
+    table[:] = [zombie(2)]
+    assert watchdog.check() == ["unet"]
