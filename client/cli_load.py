@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--url", default=f"localhost:{C.DEFAULT_GRPC_PORT}",
         help="server gRPC address; several comma-separated, or dns:///HOST:PORT, are used round-robin",
     )
+    parser.add_argument(
+        "--metrics-url", default=None, metavar="HOST:PORT",
+        help="a server's metrics endpoint (e.g. localhost:8002): also print Triton's queue vs compute time per "
+        "model over the run (from that one server)",
+    )
 
 
 def _centre(image: bytes) -> tuple[float, float]:
@@ -46,6 +51,13 @@ def main(args: argparse.Namespace) -> int:
         photos.append(Photo(image, tuple(args.click) or (_centre(image),)))
     mix = LoadMix(tuple(photos), swap_fraction=args.swap_fraction, swap_options={"steps": args.steps},
                   seed=args.seed)
+    if args.metrics_url:
+        from isekai.client.stats import format_model_load, metrics_delta, model_metrics  # noqa: PLC0415
+
+        before = model_metrics(args.metrics_url)
     report = run_load(args.url, args.requests, args.concurrency, args.duration, mix)
     print(report.table())
+    if args.metrics_url:
+        print("\nTriton's account of the run (metrics endpoint): queue vs compute time per model\n")
+        print(format_model_load(metrics_delta(before, model_metrics(args.metrics_url))))
     return 0 if report.ok else 1

@@ -82,3 +82,76 @@ def cache_counters(metrics_url: str) -> dict[str, float]:
     prefix = "isekai_embedding_cache_"
     raw = prometheus_values(metrics_url, prefix)
     return {name[len(prefix):].removesuffix("_total"): value for name, value in raw.items()}
+
+
+# Triton's per-model counters on the metrics endpoint (cumulative since the server started).
+TRITON_MODEL_METRICS = (
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_exec_count",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_request_duration_us",
+)
+
+
+def model_metrics(metrics_url: str, timeout_s: float = 10.0) -> dict[str, dict[str, float]]:
+    """Triton's per-model counters from the metrics endpoint: ``{model: {metric: value}}`` (versions summed).
+
+    Only :data:`TRITON_MODEL_METRICS`; read it before and after some work and pass both to :func:`metrics_delta`.
+    """
+    import re  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    url = metrics_url if metrics_url.startswith("http") else f"http://{metrics_url}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode("utf-8")
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name not in TRITON_MODEL_METRICS:
+            continue
+        model = re.search(r'model="([^"]*)"', line)
+        if model is None:
+            continue
+        per_model = out.setdefault(model.group(1), {})
+        per_model[name] = per_model.get(name, 0.0) + float(line.rpartition(" ")[2])
+    return out
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """One model's share of a run, from the metrics endpoint: requests, and queue vs compute time per request."""
+
+    model: str
+    requests: int  # successful requests
+    failures: int
+    executions: int  # model executions (a dynamic batch counts once)
+    queue_ms: float  # mean queue time per request
+    compute_ms: float  # mean compute (infer) time per request
+
+
+def metrics_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> list[ModelLoad]:
+    """Per-model :class:`ModelLoad` of what happened between two :func:`model_metrics` reads (idle models left out)."""
+    rows = []
+    for model in sorted(after):
+        def d(metric: str, model=model) -> float:
+            return after[model].get(metric, 0.0) - before.get(model, {}).get(metric, 0.0)
+
+        ok, failed = int(d("nv_inference_request_success")), int(d("nv_inference_request_failure"))
+        if ok + failed == 0:
+            continue
+        per = max(ok, 1)
+        rows.append(ModelLoad(model, ok, failed, int(d("nv_inference_exec_count")),
+                              d("nv_inference_queue_duration_us") / 1e3 / per,
+                              d("nv_inference_compute_infer_duration_us") / 1e3 / per))
+    return rows
+
+
+def format_model_load(rows: list[ModelLoad]) -> str:
+    """The rows of :func:`metrics_delta` as a Markdown table."""
+    lines = ["| model | requests | failures | executions | queue ms/request | compute ms/request |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r.model} | {r.requests} | {r.failures} | {r.executions} | {r.queue_ms:.1f} | {r.compute_ms:.1f} |"
+              for r in rows]
+    return "\n".join(lines)

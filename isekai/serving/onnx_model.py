@@ -11,7 +11,6 @@ backend does not concatenate them, so this does: requests whose non-batch shapes
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,20 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from isekai import constants as C
 from isekai.serving import triton
-
-
-def session_options(params: dict[str, str]):
-    """onnxruntime options from the config's parameters (see each config.pbtxt for the knobs)."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = int(params.get("intra_op_threads", "0")) or (os.cpu_count() or 1)
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "true") == "true"
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return options
+from isekai.serving.ort_options import session_options
 
 
 class TritonPythonModel:

@@ -103,3 +103,20 @@ def test_load_run_while_a_model_is_reloaded_has_zero_failed_requests(serve, mix)
     assert len(reloads) >= 3 and after and not after & before, "sam_decoder was not really reloaded"
     assert report.ok, report.table()
     assert "died" not in serve.log.read_text(), "the supervisor took a reload for a crash"
+
+
+def test_isekai_load_cli_prints_the_run_and_tritons_account_of_it(serve, astronaut_png, tmp_path, capsys):
+    """``isekai load ... --metrics-url``: the client's counts and latencies, then Triton's queue vs compute per model."""
+    from isekai.cli import main
+
+    photo = tmp_path / "astronaut.png"
+    photo.write_bytes(astronaut_png)
+    x, y = ASTRONAUT_CLICK
+    code = main(["load", str(photo), "--click", f"{x},{y}", "--requests", "12", "--concurrency", "2",
+                 "--swap-fraction", "0", "--url", serve.grpc_url, "--metrics-url", serve.metrics_url])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Triton's account of the run" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert C.SEGMENT_MODEL in rows and C.SAM_DECODER_MODEL in rows, out
+    assert rows[C.SEGMENT_MODEL].split("|")[2].strip() == "12", rows[C.SEGMENT_MODEL]
