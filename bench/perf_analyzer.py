@@ -66,7 +66,7 @@ def parse_csv(text: str) -> dict:
 
 def run_one(perf_analyzer: str, model: str, url: str, metrics_url: str, data: Path, concurrency: int,
             requests: int, workdir: Path) -> dict:
-    from isekai.client.stats import metrics_delta, model_metrics  # noqa: PLC0415
+    from isekai.client.stats import metrics_delta, model_metrics, settled_model_metrics  # noqa: PLC0415
 
     out = workdir / f"{model}-c{concurrency}.csv"
     cmd = [perf_analyzer, "-m", model, "-u", url, "-i", "grpc", "--input-data", str(data),
@@ -78,7 +78,7 @@ def run_one(perf_analyzer: str, model: str, url: str, metrics_url: str, data: Pa
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    models = metrics_delta(before, model_metrics(metrics_url))
+    models = metrics_delta(before, settled_model_metrics(metrics_url))
     row = {"model": model, "concurrency": concurrency, "wall_s": wall, "exit_code": proc.returncode,
            "models": [m.__dict__ for m in models]}
     public = next((m for m in models if m.model == model), None)

@@ -290,7 +290,7 @@ def load_run(served: Served, scenes, concurrency: tuple[int, ...], requests: int
     from the metrics endpoint around each run.
     """
     from isekai.client.load import LoadMix, Photo, run_load  # noqa: PLC0415
-    from isekai.client.stats import metrics_delta, model_metrics  # noqa: PLC0415
+    from isekai.client.stats import metrics_delta, model_metrics, settled_model_metrics  # noqa: PLC0415
 
     photos = []
     for scene in scenes:
@@ -303,7 +303,7 @@ def load_run(served: Served, scenes, concurrency: tuple[int, ...], requests: int
     for c in concurrency:
         before = model_metrics(served.server.metrics_url)
         report = run_load(served.server.grpc_url, requests, c, None, mix)
-        models = metrics_delta(before, model_metrics(served.server.metrics_url))
+        models = metrics_delta(before, settled_model_metrics(served.server.metrics_url))
         say(f"served load: concurrency {c}: {report.throughput:.2f} req/s, {report.failed} failed")
         latencies = {
             "p50_ms": report.percentile_ms(C.SEGMENT_MODEL, 50),

@@ -52,12 +52,17 @@ def main(args: argparse.Namespace) -> int:
     mix = LoadMix(tuple(photos), swap_fraction=args.swap_fraction, swap_options={"steps": args.steps},
                   seed=args.seed)
     if args.metrics_url:
-        from isekai.client.stats import format_model_load, metrics_delta, model_metrics  # noqa: PLC0415
+        from isekai.client.stats import (  # noqa: PLC0415
+            format_model_load,
+            metrics_delta,
+            model_metrics,
+            settled_model_metrics,
+        )
 
         before = model_metrics(args.metrics_url)
     report = run_load(args.url, args.requests, args.concurrency, args.duration, mix)
     print(report.table())
     if args.metrics_url:
         print("\nTriton's account of the run (metrics endpoint): queue vs compute time per model\n")
-        print(format_model_load(metrics_delta(before, model_metrics(args.metrics_url))))
+        print(format_model_load(metrics_delta(before, settled_model_metrics(args.metrics_url))))
     return 0 if report.ok else 1

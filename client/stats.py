@@ -119,6 +119,25 @@ def model_metrics(metrics_url: str, timeout_s: float = 10.0) -> dict[str, dict[s
     return out
 
 
+def settled_model_metrics(metrics_url: str, timeout_s: float = 5.0, interval_s: float = 0.25) -> dict[str, dict[str, float]]:
+    """:func:`model_metrics` once two reads ``interval_s`` apart agree (or after ``timeout_s``).
+
+    Triton counts a request when it releases it, which can be just after the client got its response: read the
+    "after" side of a run with this, or the last requests may be missing from it.
+    """
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    previous = model_metrics(metrics_url)
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        current = model_metrics(metrics_url)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 @dataclass(frozen=True)
 class ModelLoad:
     """One model's share of a run, from the metrics endpoint: requests, and queue vs compute time per request."""

@@ -10,9 +10,10 @@ request that reaches it first makes Triton's health check reap it (seen: the pid
 request failed the same way).
 
 :class:`StubWatchdog` remembers which model each live stub serves and reports a model once when one of its stubs
-turns into a zombie, or vanishes while its model is still loaded with no new stub in its place (a reload or an
-unload starts new stubs, or takes the model out of READY, first); ``isekai serve`` then reloads that model
-(:meth:`RepositoryAPI.reload`).
+turns into a zombie, or when its last stub vanishes while the model is still loaded (READY). Stubs come and go
+legitimately too: a reload starts the new instance's stub before it stops the old one, loading a model runs a
+short-lived stub for its config, and an unload takes the model out of READY first; none of those leaves a READY
+model without a live stub. ``isekai serve`` then reloads that model (:meth:`RepositoryAPI.reload`).
 """
 
 from __future__ import annotations
@@ -84,13 +85,10 @@ class StubWatchdog:
         self.server_pid = server_pid
         self.loaded = loaded
         self._models: dict[int, str] = {}  # pid of a stub seen alive -> its model
-        self._first_seen: dict[int, int] = {}  # pid -> the check that first saw it alive
-        self._checks = 0
         self._reported: set[int] = set()
 
     def check(self) -> list[str]:
         """Models (sorted, without repeats) with a stub that died since the last call."""
-        self._checks += 1
         current = server_stubs(self.server_pid)
         dead: set[str] = set()
         for stub in current:
@@ -98,17 +96,15 @@ class StubWatchdog:
                 dead.add(self._models[stub.pid])
                 self._reported.add(stub.pid)
         live = {s.pid: s.model for s in current if not s.zombie}
-        for pid, model in live.items():
-            if pid not in self._models:
-                self._models[pid], self._first_seen[pid] = model, self._checks
         present = {s.pid for s in current}
         for pid in [p for p in self._models if p not in present]:
-            model, seen = self._models.pop(pid), self._first_seen.pop(pid)
+            model = self._models.pop(pid)
             if pid in self._reported:  # the zombie we reported was reaped by the reload
                 self._reported.discard(pid)
                 continue
-            # A reload starts the new stubs before it stops the old ones: a newer stub of the model is its successor.
-            replaced = any(m == model and self._first_seen[p] > seen for p, m in live.items())
-            if not replaced and self.loaded is not None and self.loaded(model):
+            orphaned = model not in live.values()
+            if orphaned and self.loaded is not None and self.loaded(model):
                 dead.add(model)
+        for pid, model in live.items():
+            self._models.setdefault(pid, model)
         return sorted(dead)

@@ -64,12 +64,26 @@ def test_a_reload_seen_in_two_steps_is_not_a_crash(table):
     assert watchdog.check() == []
 
 
-def test_one_of_two_instances_dying_is_a_crash(table):
+def test_a_short_lived_stub_beside_the_serving_one_is_not_a_crash(table):
+    """Loading a model (a reload's new version) runs a stub for its config that exits on its own."""
     watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
-    table[:] = [alive(1, "unet"), alive(2, "unet")]
+    table[:] = [alive(1, "sam_decoder")]
     watchdog.check()
-    table[:] = [alive(2, "unet")]
-    assert watchdog.check() == ["unet"]
+    table[:] = [alive(1, "sam_decoder"), alive(8, "sam_decoder")]
+    assert watchdog.check() == []
+    table[:] = [alive(1, "sam_decoder")]
+    assert watchdog.check() == []
+
+
+def test_one_of_two_instances_vanishing_is_left_to_the_zombie_rule(table):
+    """With another live stub the model still serves; a dead instance that stays a zombie is still reported."""
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
+    table[:] = [alive(1, "diffusion"), alive(2, "diffusion")]
+    watchdog.check()
+    table[:] = [alive(2, "diffusion")]
+    assert watchdog.check() == []
+    table[:] = [zombie(2)]
+    assert watchdog.check() == ["diffusion"]
 
 
 def test_an_unload_is_not_a_crash(table):
