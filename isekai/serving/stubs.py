@@ -13,12 +13,15 @@ request failed the same way).
 turns into a zombie, or when its last stub vanishes while the model is still loaded (READY). Stubs come and go
 legitimately too: a reload starts the new instance's stub before it stops the old one, loading a model runs a
 short-lived stub for its config, and an unload takes the model out of READY first; none of those leaves a READY
-model without a live stub. ``isekai serve`` then reloads that model (:meth:`RepositoryAPI.reload`).
+model without a live stub for long, though a reload may for a moment, so that case counts only once it lasts
+:data:`isekai.constants.STUB_ORPHAN_CONFIRM_S`. ``isekai serve`` then reloads that model
+(:meth:`RepositoryAPI.reload`).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,15 +80,19 @@ class StubWatchdog:
     """Reports each model whose stub died, once per dead stub.
 
     ``loaded(model)`` says whether Triton still has the model loaded (READY): a stub that vanishes from a loaded
-    model with no new stub beside it was reaped by Triton after it died, not by an unload. Without it, only
-    zombies are reported.
+    model with no new stub beside it was reaped by Triton after it died, not by an unload, once the model has
+    stayed loaded and stubless for ``confirm_s``. Without ``loaded``, only zombies are reported.
     """
 
-    def __init__(self, server_pid: int, loaded: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, server_pid: int, loaded: Callable[[str], bool] | None = None,
+                 confirm_s: float = C.STUB_ORPHAN_CONFIRM_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.server_pid = server_pid
         self.loaded = loaded
+        self.confirm_s = confirm_s
+        self.clock = clock
         self._models: dict[int, str] = {}  # pid of a stub seen alive -> its model
         self._reported: set[int] = set()
+        self._orphaned: dict[str, float] = {}  # model left loaded without a live stub -> when that was first seen
 
     def check(self) -> list[str]:
         """Models (sorted, without repeats) with a stub that died since the last call."""
@@ -102,9 +109,21 @@ class StubWatchdog:
             if pid in self._reported:  # the zombie we reported was reaped by the reload
                 self._reported.discard(pid)
                 continue
-            orphaned = model not in live.values()
-            if orphaned and self.loaded is not None and self.loaded(model):
-                dead.add(model)
+            if model not in live.values() and self.loaded is not None:
+                self._orphaned.setdefault(model, self.clock())
+        dead |= self._confirmed_orphans(set(live.values()))
         for pid, model in live.items():
             self._models.setdefault(pid, model)
         return sorted(dead)
+
+    def _confirmed_orphans(self, live_models: set[str]) -> set[str]:
+        """Models still loaded and stubless ``confirm_s`` after their last stub vanished; forgets those that got a
+        new stub (a reload) or were unloaded meanwhile."""
+        confirmed = set()
+        for model, since in list(self._orphaned.items()):
+            if model in live_models or not self.loaded(model):
+                del self._orphaned[model]
+            elif self.clock() - since >= self.confirm_s:
+                confirmed.add(model)
+                del self._orphaned[model]
+        return confirmed

@@ -46,3 +46,8 @@ def test_cache_bounds_quoted_where_the_cache_is_described():
     config = (ROOT / "model_repository" / C.PREPROCESS_MODEL / "config.pbtxt").read_text()
     assert re.search(rf'"cache_entries" value: {{ string_value: "{C.EMBEDDING_CACHE_ENTRIES}" }}', config)
     assert re.search(rf'"cache_bytes" value: {{ string_value: "{C.EMBEDDING_CACHE_BYTES}" }}', config)
+
+
+def test_stub_watchdog_timings_quoted():
+    assert f"every {C.SUPERVISOR_INTERVAL_S:g} s" in README
+    assert f"without a stub for {C.STUB_ORPHAN_CONFIRM_S:g} s" in README

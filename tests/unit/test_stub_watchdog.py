@@ -25,6 +25,21 @@ def table(monkeypatch):
     return current
 
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 def test_a_zombie_is_reported_once(table):
     watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
     table[:] = [alive(1, "unet"), alive(2, "lama")]
@@ -36,12 +51,43 @@ def test_a_zombie_is_reported_once(table):
     assert watchdog.check() == []
 
 
-def test_a_stub_reaped_by_triton_while_its_model_is_loaded_is_reported(table):
-    watchdog = StubWatchdog(SERVER, loaded=lambda model: True)
+def test_a_stub_reaped_by_triton_while_its_model_is_loaded_is_reported_once_it_stays_stubless(table, clock):
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True, confirm_s=5.0, clock=clock)
     table[:] = [alive(1, "echo"), alive(2, "sleeper")]
     watchdog.check()
     table[:] = [alive(2, "sleeper")]
+    assert watchdog.check() == []
+    clock.now += 4.9
+    assert watchdog.check() == []
+    clock.now += 0.1
     assert watchdog.check() == ["echo"]
+    clock.now += 10
+    assert watchdog.check() == []
+
+
+def test_a_reload_that_leaves_the_model_stubless_for_a_moment_is_not_a_crash(table, clock):
+    """Seen in CI: between a reload's config stub and its new instance's stub, a loaded model had none."""
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True, confirm_s=5.0, clock=clock)
+    table[:] = [alive(1, "sam_decoder"), alive(8, "sam_decoder")]  # the serving stub and a config stub
+    watchdog.check()
+    table[:] = []
+    assert watchdog.check() == []
+    clock.now += 2
+    table[:] = [alive(9, "sam_decoder")]  # the new instance
+    assert watchdog.check() == []
+    clock.now += 10
+    assert watchdog.check() == []
+
+
+def test_a_model_unloaded_while_stubless_is_not_a_crash(table, clock):
+    states = {"echo": "READY"}
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: states.get(model) == "READY", confirm_s=5.0, clock=clock)
+    table[:] = [alive(1, "echo")]
+    watchdog.check()
+    table[:] = []
+    assert watchdog.check() == []
+    states["echo"] = "UNAVAILABLE"
+    clock.now += 10
     assert watchdog.check() == []
 
 
