@@ -211,11 +211,9 @@ class TritonServer:
         )
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        """Models ready and every endpoint listening. Triton opens gRPC, then HTTP, then metrics, so HTTP's
+        readiness alone left a moment where /metrics refused connections (seen in CI, reading metrics at once)."""
+        return _answers(f"http://{self.http_url}/v2/health/ready") and _answers(self.metrics_url)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -269,6 +267,15 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _answers(url: str) -> bool:
+    """GET ``url`` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def free_port() -> int:

@@ -10,10 +10,12 @@ request that reaches it first makes Triton's health check reap it (seen: the pid
 request failed the same way).
 
 :class:`StubWatchdog` remembers which model each live stub serves and reports a model once when one of its stubs
-turns into a zombie, or when its last stub vanishes while the model is still loaded (READY). Stubs come and go
+stays a zombie, or when its last stub vanishes while the model is still loaded (READY). Stubs come and go
 legitimately too: a reload starts the new instance's stub before it stops the old one, loading a model runs a
-short-lived stub for its config, and an unload takes the model out of READY first; none of those leaves a READY
-model without a live stub for long, though a reload may for a moment, so that case counts only once it lasts
+short-lived stub for its config, and an unload takes the model out of READY first. Each of those may still show for
+a moment what a crash shows: a stub that exited is a zombie until Triton's ``waitpid`` returns (on a busy machine a
+scan of /proc can catch it: seen in CI during a load run with reloads), and a reload may leave its model stubless
+between the config stub and the new instance's. So both signs count only once they have lasted
 :data:`isekai.constants.STUB_ORPHAN_CONFIRM_S`. ``isekai serve`` then reloads that model
 (:meth:`RepositoryAPI.reload`).
 """
@@ -77,11 +79,12 @@ def repository_stubs(repository: Path) -> list[StubProcess]:
 
 
 class StubWatchdog:
-    """Reports each model whose stub died, once per dead stub.
+    """Reports each model whose stub died, once per dead stub, and says why in :attr:`reasons`.
 
     ``loaded(model)`` says whether Triton still has the model loaded (READY): a stub that vanishes from a loaded
     model with no new stub beside it was reaped by Triton after it died, not by an unload, once the model has
-    stayed loaded and stubless for ``confirm_s``. Without ``loaded``, only zombies are reported.
+    stayed loaded and stubless for ``confirm_s``. A zombie counts once it has stayed a zombie that long (a stub
+    stopped by an unload is reaped at once). Without ``loaded``, only zombies are reported.
     """
 
     def __init__(self, server_pid: int, loaded: Callable[[str], bool] | None = None,
@@ -90,40 +93,49 @@ class StubWatchdog:
         self.loaded = loaded
         self.confirm_s = confirm_s
         self.clock = clock
+        self.reasons: dict[str, str] = {}  # model -> why the last check reported it
         self._models: dict[int, str] = {}  # pid of a stub seen alive -> its model
         self._reported: set[int] = set()
-        self._orphaned: dict[str, float] = {}  # model left loaded without a live stub -> when that was first seen
+        self._zombie_since: dict[int, float] = {}  # pid of a stub seen as a zombie -> when that was first seen
+        self._orphaned: dict[str, tuple[float, int]] = {}  # loaded model without a live stub -> (since, last pid)
 
     def check(self) -> list[str]:
         """Models (sorted, without repeats) with a stub that died since the last call."""
+        now = self.clock()
+        self.reasons = {}
         current = server_stubs(self.server_pid)
-        dead: set[str] = set()
         for stub in current:
             if stub.zombie and stub.pid in self._models and stub.pid not in self._reported:
-                dead.add(self._models[stub.pid])
-                self._reported.add(stub.pid)
+                since = self._zombie_since.setdefault(stub.pid, now)
+                if now - since >= self.confirm_s:
+                    self._report(self._models[stub.pid], f"its stub (pid {stub.pid}) has been a zombie for "
+                                 f"{now - since:.1f} s: it died and Triton did not restart it")
+                    self._reported.add(stub.pid)
         live = {s.pid: s.model for s in current if not s.zombie}
         present = {s.pid for s in current}
         for pid in [p for p in self._models if p not in present]:
             model = self._models.pop(pid)
+            self._zombie_since.pop(pid, None)
             if pid in self._reported:  # the zombie we reported was reaped by the reload
                 self._reported.discard(pid)
                 continue
             if model not in live.values() and self.loaded is not None:
-                self._orphaned.setdefault(model, self.clock())
-        dead |= self._confirmed_orphans(set(live.values()))
+                self._orphaned.setdefault(model, (now, pid))
+        self._confirm_orphans(set(live.values()), now)
         for pid, model in live.items():
             self._models.setdefault(pid, model)
-        return sorted(dead)
+        return sorted(self.reasons)
 
-    def _confirmed_orphans(self, live_models: set[str]) -> set[str]:
-        """Models still loaded and stubless ``confirm_s`` after their last stub vanished; forgets those that got a
-        new stub (a reload) or were unloaded meanwhile."""
-        confirmed = set()
-        for model, since in list(self._orphaned.items()):
+    def _report(self, model: str, reason: str) -> None:
+        self.reasons.setdefault(model, reason)
+
+    def _confirm_orphans(self, live_models: set[str], now: float) -> None:
+        """Reports models still loaded and stubless ``confirm_s`` after their last stub vanished; forgets those
+        that got a new stub (a reload) or were unloaded meanwhile."""
+        for model, (since, pid) in list(self._orphaned.items()):
             if model in live_models or not self.loaded(model):
                 del self._orphaned[model]
-            elif self.clock() - since >= self.confirm_s:
-                confirmed.add(model)
+            elif now - since >= self.confirm_s:
+                self._report(model, f"it is loaded but has had no live stub for {now - since:.1f} s since its stub "
+                             f"(pid {pid}) vanished: Triton reaped a dead stub")
                 del self._orphaned[model]
-        return confirmed
