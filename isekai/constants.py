@@ -159,7 +159,7 @@ SUPERVISOR_INTERVAL_S = 0.5
 # A zombie stub, or a loaded model seen without any live stub, is taken for a crash only when it stays so this long
 # (seconds): a reload can leave a model stubless for a moment between its config stub and the new instance's (seen in
 # a CI run, ~1-2 s), and a stub that exited normally is a zombie until Triton reaps it (caught in CI under load).
-STUB_ORPHAN_CONFIRM_S = 5.0
+STUB_DEATH_CONFIRM_S = 5.0
 # The Python backend's stub executable (one process per model instance, children of tritonserver).
 PYTHON_STUB_NAME = "triton_python_backend_stub"
 

@@ -213,7 +213,7 @@ class TritonServer:
     def is_ready(self) -> bool:
         """Models ready and every endpoint listening. Triton opens gRPC, then HTTP, then metrics, so HTTP's
         readiness alone left a moment where /metrics refused connections (seen in CI, reading metrics at once)."""
-        return _answers(f"http://{self.http_url}/v2/health/ready") and _answers(self.metrics_url)
+        return answers(f"http://{self.http_url}/v2/health/ready") and answers(self.metrics_url)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -269,8 +269,8 @@ class TritonServer:
         self.stop()
 
 
-def _answers(url: str) -> bool:
-    """GET ``url`` answers 200."""
+def answers(url: str) -> bool:
+    """GET ``url`` answers 200 (within 2 s)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
             return r.status == 200

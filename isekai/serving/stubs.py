@@ -16,7 +16,7 @@ short-lived stub for its config, and an unload takes the model out of READY firs
 a moment what a crash shows: a stub that exited is a zombie until Triton's ``waitpid`` returns (on a busy machine a
 scan of /proc can catch it: seen in CI during a load run with reloads), and a reload may leave its model stubless
 between the config stub and the new instance's. So both signs count only once they have lasted
-:data:`isekai.constants.STUB_ORPHAN_CONFIRM_S`. ``isekai serve`` then reloads that model
+:data:`isekai.constants.STUB_DEATH_CONFIRM_S`. ``isekai serve`` then reloads that model
 (:meth:`RepositoryAPI.reload`).
 """
 
@@ -88,7 +88,7 @@ class StubWatchdog:
     """
 
     def __init__(self, server_pid: int, loaded: Callable[[str], bool] | None = None,
-                 confirm_s: float = C.STUB_ORPHAN_CONFIRM_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 confirm_s: float = C.STUB_DEATH_CONFIRM_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.server_pid = server_pid
         self.loaded = loaded
         self.confirm_s = confirm_s

@@ -88,8 +88,8 @@ class Supervisor:
         """Reload every model whose stub died since the last check; returns those models."""
         dead = self.watchdog.check() if self.watchdog else []
         for model in dead:
-            reason = self.watchdog.reasons.get(model, "")
-            log.error("a Python-backend stub of model '%s' died (%s); reloading the model", model, reason)
+            log.error("a Python-backend stub of model '%s' died (%s); reloading the model", model,
+                      self.watchdog.reasons[model])
             try:
                 self.repository.reload(model)
                 self.restarts.append(model)

@@ -9,11 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from isekai.serving.server import free_port
+from isekai.serving.server import answers, free_port
 from isekai.serving.stubs import server_stubs
 
 ISEKAI = Path(sys.executable).with_name("isekai")
@@ -62,11 +60,7 @@ class IsekaiServe:
         return self.log.exists() and b"isekai serving " in self.log.read_bytes()
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers(f"http://{self.http_url}/v2/health/ready")
 
     def triton_pid(self) -> int:
         """The tritonserver child of the ``isekai serve`` process."""

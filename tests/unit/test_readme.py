@@ -50,4 +50,4 @@ def test_cache_bounds_quoted_where_the_cache_is_described():
 
 def test_stub_watchdog_timings_quoted():
     assert f"every {C.SUPERVISOR_INTERVAL_S:g} s" in README
-    assert f"once it has lasted {C.STUB_ORPHAN_CONFIRM_S:g} s (`STUB_ORPHAN_CONFIRM_S`)" in README
+    assert f"once it has lasted {C.STUB_DEATH_CONFIRM_S:g} s (`STUB_DEATH_CONFIRM_S`)" in README
