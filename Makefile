@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# spandrel: the reference Real-ESRGAN the export tests compare against. --no-deps: it requires torchvision,
+	# which cannot import beside the CPU torch (the tests stand in for the few names it uses).
+	$(BIN)/python -m pip install -q --no-deps spandrel==0.4.2 einops==0.8.2
 	touch $@
 
 demo: setup

@@ -10,6 +10,7 @@ from isekai import constants as C
 
 SWAP_MODEL = C.ENSEMBLE_MODEL  # the whole swap
 SEGMENT_MODEL = C.SEGMENT_MODEL  # the mask only, for the click-look-click loop
+CHARACTERS_MODEL = C.CHARACTERS_MODEL  # the registered characters (JSON), e.g. for a picker
 
 # --- inputs (both models) ------------------------------------------------------------------------------------
 IMAGE = "image"  # BYTES [1] encoded PNG/JPEG/WebP
@@ -29,12 +30,17 @@ FORMAT = "format"  # BYTES [1] png | jpeg | webp
 # --- inputs (isekai_segment only) -----------------------------------------------------------------------------
 MASK_INPUT = "mask_input"  # FP32 [1,1,256,256] optional: the previous answer's low_res_mask
 
+# --- inputs (characters only) ---------------------------------------------------------------------------------
+NAME = "name"  # BYTES [1] optional: one character; without it, all of them
+
 # --- outputs --------------------------------------------------------------------------------------------------
 RESULT = "result"  # BYTES [1] the encoded scene with the character
 MASK = "mask"  # BYTES [1] PNG of the person mask, original size
 BACKGROUND = "background"  # BYTES [1] the encoded scene without the person
 SCORE = "score"  # FP32 [1] the chosen mask's predicted IoU
 LOW_RES_MASK = "low_res_mask"  # FP32 [1,1,256,256] (isekai_segment) feed back as mask_input
+CHARACTERS = "characters"  # BYTES [1] (characters) JSON list: name, kind, prompt, negative_prompt, default, bytes,
+#                            revision, source, problem (why it cannot be drawn, or null)
 
 # The API's optional inputs (documented defaults); the others are required. The configs declare every input
 # optional so that a missing required one reaches preprocess, which refuses it naming the input (Triton 2.51
@@ -45,6 +51,9 @@ SWAP_OUTPUTS = (RESULT, MASK, BACKGROUND, SCORE)
 SEGMENT_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT)
 SEGMENT_OPTIONAL = (BOX, MASK_INPUT)
 SEGMENT_OUTPUTS = (MASK, SCORE, LOW_RES_MASK)
+CHARACTERS_INPUTS = (NAME,)
+CHARACTERS_OPTIONAL = (NAME,)
+CHARACTERS_OUTPUTS = (CHARACTERS,)
 
 # Triton data type of every public tensor.
 DTYPES = {
@@ -65,6 +74,8 @@ DTYPES = {
     BACKGROUND: "BYTES",
     SCORE: "FP32",
     LOW_RES_MASK: "FP32",
+    NAME: "BYTES",
+    CHARACTERS: "BYTES",
 }
 # Dims as in the configs (max_batch_size 0: one image per request).
 DIMS = {
@@ -85,4 +96,6 @@ DIMS = {
     BACKGROUND: [1],
     SCORE: [1],
     LOW_RES_MASK: [1, 1, C.SAM_LOW_RES_SIZE, C.SAM_LOW_RES_SIZE],
+    NAME: [1],
+    CHARACTERS: [1],
 }

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="where to write the scene with the character")
     parser.add_argument("--mask", type=Path, help="also write the person mask (PNG) here")
     parser.add_argument("--background", type=Path, help="also write the scene without the person here")
-    parser.add_argument("--character", help=f"a registered character (default: {C.DEFAULT_CHARACTER!r})")
+    parser.add_argument("--character", help="a registered character (default: the repository's default character)")
     parser.add_argument("--prompt", help="replace the character's prompt for this request")
     parser.add_argument("--seed", type=int, help=f"noise seed; the same seed gives the same image (default {C.DEFAULT_SEED})")
     parser.add_argument("--steps", type=int, help=f"scheduler steps (default {C.DEFAULT_STEPS}, at most {C.MAX_STEPS})")

@@ -16,6 +16,7 @@ connection-level balancing would pin one client to one pod.
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import threading
 from collections.abc import Iterable, Sequence
@@ -34,6 +35,25 @@ class SwapResult:
     mask: bytes  # PNG, the person mask at the original size
     background: bytes  # encoded scene without the person
     score: float  # predicted IoU of the chosen mask
+
+
+@dataclass(frozen=True)
+class CharacterInfo:
+    """A character the server offers (the ``characters`` model's JSON)."""
+
+    name: str
+    kind: str  # prompt | lora | full
+    prompt: str
+    negative_prompt: str
+    default: bool  # drawn when a request names no character
+    bytes: int  # size of its files on the server
+    revision: str
+    source: str
+    problem: str | None  # why it cannot be drawn (registered on another base model), or None
+
+    @property
+    def drawable(self) -> bool:
+        return self.problem is None
 
 
 @dataclass(frozen=True)
@@ -180,6 +200,13 @@ class IsekaiClient:
             score=float(out.as_numpy(api.SCORE).reshape(-1)[0]),
             low_res_mask=out.as_numpy(api.LOW_RES_MASK),
         )
+
+    def characters(self, name: str | None = None) -> list[CharacterInfo]:
+        """The server's registered characters (all, or only ``name``); ``default`` marks the default one."""
+        inputs = {} if name is None else {api.NAME: np.array([name.encode()], dtype=np.object_)}
+        out = self._infer(api.CHARACTERS_MODEL, inputs, api.CHARACTERS_OUTPUTS)
+        raw = json.loads(out.as_numpy(api.CHARACTERS).reshape(-1)[0])
+        return [CharacterInfo(**{f: entry.get(f) for f in CharacterInfo.__dataclass_fields__}) for entry in raw]
 
     def segment_session(self, image: bytes) -> SegmentSession:
         return SegmentSession(self, image)

@@ -180,8 +180,8 @@ def validate_options(
     format: Any = None,  # noqa: A002 - the public input's name
 ) -> SwapOptions:
     """The ``isekai`` model's optional inputs; None (or an empty tensor) takes the default from constants."""
-    name = _text("character", character) or C.DEFAULT_CHARACTER
-    if not re.fullmatch(C.CHARACTER_NAME_PATTERN, name):
+    name = _text("character", character) or ""  # "": the repository's default character (the store knows it)
+    if name and not re.fullmatch(C.CHARACTER_NAME_PATTERN, name):
         raise ValueError(f"character must match {C.CHARACTER_NAME_PATTERN!r} but is {name!r}")
     text = _text("prompt", prompt)
     if text is not None and not text.strip():

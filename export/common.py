@@ -168,6 +168,7 @@ def ort_session(path: str | Path, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # not a warning per LoRA slot ("initializer appears in graph inputs")
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -181,14 +182,16 @@ def check_parity(
     *,
     atol: float,
     rtol: float = 0.0,
+    extra_feeds: Mapping[str, np.ndarray] | None = None,
 ) -> ParityReport:
     """Run the ONNX file and the module on the same inputs; raise if any output differs past the tolerance.
 
     The tolerance is stated by each exporter (float32 graphs that reorder reductions differ by ~1e-5
-    relative; deep networks accumulate more).
+    relative; deep networks accumulate more). ``extra_feeds`` go to onnxruntime only (e.g. LoRA slot factors the
+    module already holds).
     """
     session = ort_session(path)
-    feeds = {name: t.detach().cpu().numpy() for name, t in inputs.items()}
+    feeds = {name: t.detach().cpu().numpy() for name, t in inputs.items()} | dict(extra_feeds or {})
     got = session.run(spec.output_names, feeds)
     with torch.no_grad():
         want = module.eval()(*inputs.values())

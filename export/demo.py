@@ -13,10 +13,14 @@ import time
 from pathlib import Path
 
 from isekai import constants as C
+from isekai.ensemble.characters import CharacterStore, PipelineConfig
 from isekai.export.common import progress
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 DEMO_CHARACTER_PROMPT = "anime girl, cel shading, clean line art, vivid colors"
+# A second character, drawn by the same base UNet through a LoRA adapter (a random kohya-layout LoRA).
+DEMO_LORA_CHARACTER = "lora-demo"
+DEMO_LORA_PROMPT = "a photo of sks girl, anime style"
 
 
 def copy_configs(destination: Path, source: Path = SOURCE_REPOSITORY) -> None:
@@ -29,6 +33,27 @@ def copy_configs(destination: Path, source: Path = SOURCE_REPOSITORY) -> None:
 
 def _missing(repository: Path, *models: str) -> bool:
     return any(not (repository / m / C.MODEL_VERSION / C.ONNX_FILENAME).exists() for m in models)
+
+
+def _current(repository: Path) -> bool:
+    """The repository's SD data was written by this version (an older one lacks LoRA slots and fingerprints)."""
+    try:
+        PipelineConfig.load(repository)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _add_demo_lora(repository: Path, path: Path) -> None:
+    """A random LoRA over every slotted layer, in kohya's layout, registered as a second character."""
+    from isekai.export.characters import Base, add_lora_character  # noqa: PLC0415
+    from isekai.export.make_lora import random_factors, write_lora  # noqa: PLC0415
+
+    base = Base.load(repository)
+    unet = random_factors(base.slots[C.UNET_MODEL], rank=4, seed=1)
+    text = random_factors(base.slots[C.TEXT_ENCODER_MODEL], rank=4, seed=2)
+    write_lora(path, unet, text, layout="kohya", alpha=2.0)
+    add_lora_character(repository, DEMO_LORA_CHARACTER, path, DEMO_LORA_PROMPT, replace=True)
 
 
 def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = False) -> Path:
@@ -64,8 +89,10 @@ def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = 
         progress(f"making a tiny Stable Diffusion folder {sd_dir}")
         make_sd_folder(sd_dir, size="tiny")
     sd_models = (C.TEXT_ENCODER_MODEL, C.UNET_MODEL, C.VAE_ENCODER_MODEL, C.VAE_DECODER_MODEL)
-    if force or _missing(repository, *sd_models) or not (repository / C.DIFFUSION_MODEL / "characters").exists():
+    if force or _missing(repository, *sd_models) or not _current(repository):
         export_sd(sd_dir, repository=repository, character=C.DEFAULT_CHARACTER, prompt=DEMO_CHARACTER_PROMPT)
+    if force or DEMO_LORA_CHARACTER not in CharacterStore(repository).names():
+        _add_demo_lora(repository, checkpoints / "lora-demo.safetensors")
     progress(f"demo repository ready in {repository} ({time.perf_counter() - started:.0f}s)")
     return repository
 

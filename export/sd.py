@@ -13,9 +13,13 @@ Graphs (names from :mod:`isekai.constants`; float32, NCHW; B and the sides dynam
 - ``vae_decoder``: ``latent_sample`` [B, 4, h, w], already divided by the scaling factor -> ``sample``
   [B, 3, 8h, 8w] in about -1..1.
 
-Each export ends with onnxruntime parity runs, on the traced shapes and on another batch and size. Then a
-character is registered (:func:`register_character`): its prompts' text embeddings are computed here with the
-folder's own tokenizer and text encoder, so the server needs neither a tokenizer download nor a model hub.
+The UNet and the text encoder also carry LoRA slots (:mod:`isekai.export.lora_slots`): optional inputs with a
+rank-0 default, so characters' LoRA adapters run on the one base graph.
+
+Each export ends with onnxruntime parity runs, on the traced shapes and on another batch and size (and, for the
+slotted graphs, with random adapters in every slot). Then a character is registered as the repository's default
+(:mod:`isekai.export.characters`), with the tokenizer copied beside it, so the server needs neither a tokenizer
+download nor a model hub.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import inspect
 import json
 import shutil
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ import torch
 
 from isekai import constants as C
 from isekai.ensemble import characters as chars
+from isekai.export import lora_formats, lora_slots
 from isekai.export.common import (
     GraphSpec,
     ParityReport,
@@ -45,6 +50,8 @@ from isekai.export.common import (
     progress,
     random_like,
 )
+
+SD_MODELS = (C.TEXT_ENCODER_MODEL, C.UNET_MODEL, C.VAE_ENCODER_MODEL, C.VAE_DECODER_MODEL)
 
 # Bounds for TensorRT profiles and torch.export: a UNet batch is 2 rows (negative, prompt) per request and
 # dynamic batching may stack several requests; the sides cover the SD crop (SD_NATIVE_SIZE long side).
@@ -244,18 +251,14 @@ def load_sd(folder: str | Path, *, text_only: bool = False) -> SdModels:
     return SdModels(folder, text_encoder, tokenizer, scheduler_config, scaling_factor, unet, vae)
 
 
-# --- characters ---------------------------------------------------------------------------------------------
+# --- fingerprints and pipeline data ------------------------------------------------------------------------
+
+# What each fingerprint covers: the component folder's weight files (and the tokenizer's vocabulary).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+FINGERPRINT_PARTS = ("tokenizer", "text_encoder", "unet", "vae")
 
 
-def text_fingerprint(folder: str | Path) -> str:
-    """sha256 of the text encoder's weights and the tokenizer's vocabulary: what embeddings depend on.
-
-    Recorded in pipeline.json and in each character.json (see :mod:`isekai.ensemble.characters`).
-    """
-    folder = Path(folder)
-    weights = (folder / "text_encoder").iterdir()
-    files = sorted(p for p in weights if p.suffix in (".safetensors", ".bin") and p.is_file())
-    files += [folder / "tokenizer" / name for name in chars.TOKENIZER_FILES[:2]]  # vocab.json, merges.txt
+def _hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
@@ -265,8 +268,34 @@ def text_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def fingerprints(folder: str | Path) -> dict[str, str]:
+    """sha256 of each component of an SD folder: the tokenizer's vocabulary and the weights of the others.
+
+    Two folders whose fingerprints agree for a component hold the same weights for it: a full fine-tune is
+    compared with the exported base component by component.
+    """
+    folder = Path(folder)
+    out = {"tokenizer": _hash_files([folder / "tokenizer" / name for name in chars.TOKENIZER_FILES[:2]])}
+    for part in FINGERPRINT_PARTS[1:]:
+        files = sorted(p for p in (folder / part).iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"{folder / part} holds no weights (*.safetensors or *.bin)")
+        out[part] = _hash_files(files)
+    return out
+
+
+def base_fingerprint(parts: Mapping[str, str]) -> str:
+    """The base model's identity for characters: what their embeddings and adapters depend on."""
+    return hashlib.sha256(json.dumps([parts[p] for p in ("tokenizer", "text_encoder", "unet")]).encode()).hexdigest()
+
+
+def architecture(unet_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A UNet config without the keys that do not change its layers (names, versions)."""
+    return {k: v for k, v in unet_config.items() if not k.startswith("_")}
+
+
 def encode_prompts(models: SdModels, prompts: list[str]) -> np.ndarray:
-    """last_hidden_state float32 [N, 77, D] of ``prompts``, tokenized as the diffusers SD pipeline does."""
+    """last_hidden_state float32 [N, 77, D] of ``prompts``, tokenized as the diffusers SD pipeline does (PyTorch)."""
     ids = models.tokenizer(
         prompts, padding="max_length", max_length=C.SD_TOKEN_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
@@ -275,8 +304,8 @@ def encode_prompts(models: SdModels, prompts: list[str]) -> np.ndarray:
     return hidden.float().numpy()
 
 
-def _write_pipeline_data(models: SdModels, repository: Path, fingerprint: str, default: str) -> None:
-    """Copy the tokenizer files and write pipeline.json (scaling factor, scheduler config, D, default)."""
+def write_pipeline_data(models: SdModels, repository: Path, lora_targets: str, default: str | None) -> None:
+    """Copy the tokenizer files and write pipeline.json (scaling factor, scheduler, D, fingerprints, default)."""
     target = chars.data_dir(repository) / chars.TOKENIZER_DIR
     target.mkdir(parents=True, exist_ok=True)
     source = models.folder / "tokenizer"
@@ -285,74 +314,17 @@ def _write_pipeline_data(models: SdModels, repository: Path, fingerprint: str, d
             shutil.copyfile(source / name, target / name)
         elif name in chars.TOKENIZER_FILES[:2]:
             raise FileNotFoundError(f"{source / name} is missing: the tokenizer cannot be copied")
+    parts = fingerprints(models.folder)
     chars.PipelineConfig(
         scaling_factor=models.scaling_factor,
         scheduler_config=models.scheduler_config,
         text_hidden_size=models.text_hidden_size,
         default_character=default,
-        text_fingerprint=fingerprint,
+        fingerprints=parts,
+        base_fingerprint=base_fingerprint(parts),
+        unet_config=architecture(models.unet.config) if models.unet is not None else {},
+        lora_targets=lora_targets,
     ).save(repository)
-
-
-def _register(
-    models: SdModels,
-    repository: Path,
-    name: str,
-    prompt: str,
-    negative_prompt: str,
-    *,
-    make_default: bool,
-    exporting: bool,
-) -> Path:
-    """Register a character; ``exporting``: this model's graphs are being written to ``repository`` now."""
-    chars.check_character_name(name)
-    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        if len(text) > C.MAX_PROMPT_CHARS:
-            raise ValueError(f"{label} should be at most {C.MAX_PROMPT_CHARS} characters but has {len(text)}")
-    fingerprint = text_fingerprint(models.folder)
-    try:
-        previous = chars.PipelineConfig.load(repository)
-    except FileNotFoundError:
-        previous = None
-    if previous and previous.text_fingerprint != fingerprint:
-        if not exporting:
-            raise ValueError(
-                f"{repository} was exported from a model with another text encoder than {models.folder}: "
-                "register characters with the folder the repository was exported from, or export this one"
-            )
-        progress(f"{repository}: the text encoder changed; register the other characters again")
-    default = previous.default_character if previous else None
-    if make_default or not default:
-        default = name
-    embeddings = encode_prompts(models, [negative_prompt, prompt])  # row 0 unconditional, as the loop expects
-    character = chars.Character(name, prompt, negative_prompt, embeddings)
-    folder = chars.save_character(repository, character, fingerprint)
-    _write_pipeline_data(models, repository, fingerprint, default)
-    progress(f"character {name!r} registered in {folder} ({list(embeddings.shape)}, default {default!r})")
-    return folder
-
-
-def register_character(
-    model_folder: str | Path,
-    repository: str | Path,
-    name: str,
-    prompt: str,
-    negative_prompt: str = "",
-    *,
-    make_default: bool = False,
-) -> Path:
-    """Register a character for the model exported from ``model_folder`` into ``repository``.
-
-    Writes ``<repository>/diffusion/characters/<name>/`` (prompt, negative prompt, float32 [2, 77, D] text
-    embeddings, row 0 the negative prompt), the tokenizer files and pipeline.json (layout in
-    :mod:`isekai.ensemble.characters`). The character becomes the default if ``make_default`` or if the
-    repository has none. Refuses a repository exported from a model with another text encoder.
-    Returns the character's folder.
-    """
-    models = load_sd(model_folder, text_only=True)
-    return _register(
-        models, Path(repository), name, prompt, negative_prompt, make_default=make_default, exporting=False
-    )
 
 
 # --- export -------------------------------------------------------------------------------------------------
@@ -364,10 +336,14 @@ class _Graph:
     module: torch.nn.Module
     sample: Mapping[str, torch.Tensor]  # traced
     check: Mapping[str, torch.Tensor]  # another batch and size, for parity
+    slots: Mapping[str, lora_slots.Slot] = field(default_factory=dict)  # LoRA slots; empty for a plain graph
+    prefix: str = ""  # the export wrapper's attribute that the slots' buffer names start with
+    layers: tuple[str, ...] = ()  # every adaptable layer of the model, recorded in the graph
 
 
-def _graphs(models: SdModels) -> list[_Graph]:
-    """The four graphs with their trace and parity inputs.
+def _graphs(models: SdModels, lora_targets: str | None, only: Collection[str] = SD_MODELS) -> list[_Graph]:
+    """The graphs of ``only`` with their trace and parity inputs; with ``lora_targets``, UNet and text encoder
+    get LoRA slots (:mod:`isekai.export.lora_slots`).
 
     Traced at batch 2 and at sides whose quotients (side / multiple) are not 0 or 1, which torch.export would
     specialise; checked at another batch and size. Latents are small (16x24) so SD 1.5 traces quickly.
@@ -387,26 +363,87 @@ def _graphs(models: SdModels) -> list[_Graph]:
             C.UNET_IN_HIDDEN: random_like((batch, length, d), seed=seed + 1),
         }
 
-    vae_in, vae_out = C.VAE_ENC_IN_SAMPLE, C.VAE_DEC_IN_LATENT
-    return [
-        _Graph(
+    def slotted(model: torch.nn.Module, paths: list[str], every: list[str], prefix: str) -> dict[str, Any]:
+        if lora_targets is None:
+            return {}
+        return dict(slots=lora_slots.add_slots(model, paths), prefix=prefix, layers=tuple(every))
+
+    graphs = []
+    if C.TEXT_ENCODER_MODEL in only:
+        text_layers = lora_slots.text_encoder_layers(models.text_encoder)
+        graphs.append(_Graph(
             text_encoder_spec(d), TextEncoderExport(models.text_encoder),
             {C.TEXT_IN_IDS: ids(2, 0)}, {C.TEXT_IN_IDS: ids(1, 1)},
-        ),
-        _Graph(
+            **slotted(models.text_encoder, text_layers, text_layers, "text_encoder."),
+        ))
+    if C.UNET_MODEL in only:
+        unet_layers = lora_slots.unet_layers(models.unet, "all")
+        targets = lora_slots.unet_layers(models.unet, lora_targets) if lora_targets else []
+        graphs.append(_Graph(
             unet_spec(d), UNetExport(models.unet),
             unet_inputs(2, 16, 24, (999.0, 500.0), 0), unet_inputs(4, 24, 16, (1.0, 1.0, 981.0, 981.0), 2),
-        ),
-        _Graph(
+            **slotted(models.unet, targets, unet_layers, "unet."),
+        ))
+    vae_in, vae_out = C.VAE_ENC_IN_SAMPLE, C.VAE_DEC_IN_LATENT
+    if C.VAE_ENCODER_MODEL in only:
+        graphs.append(_Graph(
             vae_encoder_spec(), VaeEncoderExport(models.vae),
             {vae_in: random_like((2, 3, 16 * f, 24 * f))},
             {vae_in: random_like((1, 3, 8 * f, 16 * f), seed=1)},
-        ),
-        _Graph(
+        ))
+    if C.VAE_DECODER_MODEL in only:
+        graphs.append(_Graph(
             vae_decoder_spec(), VaeDecoderExport(models.vae),
             {vae_out: random_like((2, 4, 16, 24))}, {vae_out: random_like((1, 4, 8, 16), seed=1)},
-        ),
-    ]
+        ))
+    return graphs
+
+
+def _adapter_parity(graph: _Graph, path: Path, tolerance: Mapping[str, float]) -> ParityReport:
+    """The slotted graph with random rank-3 factors in every slot against PyTorch with the same factors."""
+    shapes = lora_slots.read_slots(path)
+    g = torch.Generator().manual_seed(3)
+    factors = {
+        p: (torch.randn(s.a_shape(3), generator=g) * 0.02, torch.randn(s.b_shape(3), generator=g) * 0.02)
+        for p, s in shapes.items()
+    }
+    # Slot names are canonical paths; the PyTorch slots are keyed by module path (text_model. under transformers 4).
+    by_canonical = {lora_formats.canonical_text_path(p): p for p in graph.slots}
+    lora_slots.set_factors(graph.slots, {by_canonical[p]: f for p, f in factors.items()})
+    feeds = {p + lora_slots.SLOT_A: a.numpy() for p, (a, _) in factors.items()}
+    feeds |= {p + lora_slots.SLOT_B: b.numpy() for p, (_, b) in factors.items()}
+    try:
+        return check_parity(graph.module, path, graph.check, graph.spec, extra_feeds=feeds, **tolerance)
+    finally:
+        lora_slots.set_factors(graph.slots, {})
+
+
+def export_graphs(
+    models: SdModels,
+    destinations: Mapping[str, Path],
+    lora_targets: str | None,
+) -> dict[str, ParityReport]:
+    """Export the graphs named in ``destinations`` (model -> file), check each against PyTorch.
+
+    With ``lora_targets`` the UNet and the text encoder get LoRA slots, and their parity is also checked with
+    random factors in every slot. Returns each graph's parity on the inputs it was not traced with.
+    """
+    reports: dict[str, ParityReport] = {}
+    for graph in _graphs(models, lora_targets, only=tuple(destinations)):
+        model = graph.spec.model
+        path = export_onnx(graph.module, graph.spec, graph.sample, destinations[model])
+        if graph.slots:
+            rename = lora_formats.canonical_text_path if model == C.TEXT_ENCODER_MODEL else None
+            count = lora_slots.open_slots(path, graph.prefix, graph.layers, lora_targets, rename)
+            progress(f"{model}: {count} LoRA slots ({lora_targets if model == C.UNET_MODEL else 'all'} layers)")
+            lora_slots.set_factors(graph.slots, {})  # rank 0: the plain base model
+        tolerance = dict(atol=ATOL[model], rtol=RTOL)
+        check_parity(graph.module, path, graph.sample, graph.spec, **tolerance)
+        reports[model] = check_parity(graph.module, path, graph.check, graph.spec, **tolerance)
+        if graph.slots:
+            progress(f"{model}: parity with random rank-3 adapters in every slot")
+            _adapter_parity(graph, path, tolerance)
+    return reports
 
 
 def export_sd(
@@ -416,38 +453,43 @@ def export_sd(
     character: str | None = None,
     prompt: str | None = None,
     negative_prompt: str | None = None,
+    lora_targets: str = C.DEFAULT_LORA_TARGETS,
 ) -> dict[str, ParityReport]:
     """Export text_encoder, unet, vae_encoder, vae_decoder; check each against PyTorch; register a character.
 
-    With ``repository`` the graphs go to ``<repository>/<model>/1/model.onnx`` and a character is registered:
-    ``character`` with ``prompt`` (it becomes the default if the repository has none), or, without
-    ``character``, :data:`constants.DEFAULT_CHARACTER` with a generic anime prompt. With ``output_dir`` the
-    graphs go to ``<output_dir>/<model>.onnx`` and no character is registered. Returns each graph's parity on
-    the inputs it was not traced with.
+    With ``repository`` the graphs go to ``<repository>/<model>/1/model.onnx`` and a character is registered as the
+    repository's default: ``character`` with ``prompt``, or, without ``character``,
+    :data:`constants.DEFAULT_CHARACTER` with a generic anime prompt. Characters registered on another base model
+    before are reported (they are refused until registered again). With ``output_dir`` the graphs go to
+    ``<output_dir>/<model>.onnx`` and no character is registered. The UNet and text encoder carry LoRA slots for
+    ``lora_targets`` (see :mod:`isekai.export.lora_slots`). Returns each graph's parity on the inputs it was not
+    traced with.
     """
     if (repository is None) == (output_dir is None):
         raise ValueError("give exactly one of repository (a Triton repository) or output_dir")
+    if lora_targets not in C.LORA_TARGET_FAMILIES:
+        raise ValueError(f"lora_targets should be one of {C.LORA_TARGET_FAMILIES} but is {lora_targets!r}")
     if character is not None:
         chars.check_character_name(character)
         if prompt is None:
             raise ValueError(f"character {character!r} needs a prompt (--prompt)")
     models = load_sd(model_folder)
-    reports: dict[str, ParityReport] = {}
-    for graph in _graphs(models):
-        model = graph.spec.model
-        out = Path(output_dir) / f"{model}.onnx" if output_dir is not None else None
-        path = export_onnx(graph.module, graph.spec, graph.sample, destination(model, repository, out))
-        tolerance = dict(atol=ATOL[model], rtol=RTOL)
-        check_parity(graph.module, path, graph.sample, graph.spec, **tolerance)
-        reports[model] = check_parity(graph.module, path, graph.check, graph.spec, **tolerance)
+    destinations = {
+        model: destination(model, repository, Path(output_dir) / f"{model}.onnx" if output_dir else None)
+        for model in SD_MODELS
+    }
+    reports = export_graphs(models, destinations, lora_targets)
     if repository is not None:
+        from isekai.export.characters import add_prompt_character, report_stale  # noqa: PLC0415
+
         if character is None:
             character = C.DEFAULT_CHARACTER
             prompt = DEFAULT_PROMPT if prompt is None else prompt
             negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-        negative_prompt = negative_prompt or ""
         repository = Path(repository)
-        _register(models, repository, character, prompt, negative_prompt, make_default=False, exporting=True)
+        write_pipeline_data(models, repository, lora_targets, default=None)
+        add_prompt_character(repository, character, prompt, negative_prompt or "", default=True)
+        report_stale(repository)
     return reports
 
 
@@ -471,8 +513,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--character", default=None,
-        help=f"register this character (name pattern {C.CHARACTER_NAME_PATTERN}); it becomes the default if "
-        f"the repository has none. Without it, {C.DEFAULT_CHARACTER!r} gets a generic anime prompt",
+        help=f"register this character (name pattern {C.CHARACTER_NAME_PATTERN}) as the repository's default. "
+        f"Without it, {C.DEFAULT_CHARACTER!r} gets a generic anime prompt and becomes the default",
     )
     parser.add_argument(
         "--prompt", default=None,
@@ -481,6 +523,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--negative-prompt", default=None,
         help="the character's negative prompt (default: empty with --character, a generic one otherwise)",
+    )
+
+
+    parser.add_argument(
+        "--lora-targets", default=C.DEFAULT_LORA_TARGETS, choices=C.LORA_TARGET_FAMILIES,
+        help="which UNet layers get LoRA slots for characters' LoRAs: attention (to_q/k/v/out), transformer "
+        "(+ proj_in/out, feed-forward: kohya LoRA), all (+ every conv: LoCon, LCM-LoRA); "
+        f"default {C.DEFAULT_LORA_TARGETS}",
     )
 
 
@@ -498,6 +548,7 @@ def main(args: argparse.Namespace) -> int:
             character=args.character,
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
+            lora_targets=args.lora_targets,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"isekai export sd: error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ import sys
 # commands must not pay for torch.
 COMMANDS = {
     "export": ("isekai.export.cli", "export checkpoints to ONNX into a Triton model repository"),
+    "character": ("isekai.export.characters", "register, list and remove characters; train one from photos"),
     "serve": ("isekai.serving.cli", "run the embedded Triton server on a model repository"),
     "run": ("isekai.client.cli_run", "send a photo and clicks, get the scene with the character"),
     "segment": ("isekai.client.cli_segment", "send a photo and clicks, get the person mask only"),

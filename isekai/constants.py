@@ -12,6 +12,7 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------------------------------------
 ENSEMBLE_MODEL = "isekai"
 SEGMENT_MODEL = "isekai_segment"
+CHARACTERS_MODEL = "isekai_characters"  # the registered characters as JSON, for clients
 
 PREPROCESS_MODEL = "preprocess"
 SAM_ENCODER_MODEL = "sam_encoder"
@@ -67,6 +68,9 @@ UNET_IN_SAMPLE = "sample"
 UNET_IN_TIMESTEP = "timestep"
 UNET_IN_HIDDEN = "encoder_hidden_states"
 UNET_OUT_SAMPLE = "out_sample"
+# unet and text_encoder (not graph inputs): the character whose weights run the request, as NAME@REVISION
+# (ensemble/characters.py: Character.key); empty or absent means the base model.
+SD_IN_CHARACTER = "character"
 # vae_encoder: sample f32 [B,3,H,W] in -1..1 -> latent_mean (unscaled mean of the latent distribution)
 VAE_ENC_IN_SAMPLE = "sample"
 VAE_ENC_OUT_MEAN = "latent_mean"
@@ -213,6 +217,15 @@ TEXT_IDS_DTYPE = "int32"  # text_encoder input_ids (TensorRT and Triton prefer i
 UNET_TIMESTEP_DTYPE = "float32"  # unet timestep: float so every scheduler (also fractional-timestep ones) fits
 # Guidance below 1 is not classifier-free guidance (1 means the prompt's prediction alone).
 MIN_GUIDANCE = 1.0
+# Bytes of characters' weights the unet / text_encoder models keep loaded beside the base graph, least recently used
+# out first (config parameters character_adapter_bytes / character_graph_bytes): LoRA adapters (a rank-64 SD 1.5
+# UNet LoRA is ~100 MB in float32), and the own graphs of full fine-tunes (an SD 1.5 UNet is 3.4 GB in float32).
+CHARACTER_ADAPTER_BYTES = 2 * 1024**3
+CHARACTER_GRAPH_BYTES = 4 * 1024**3
+# Which UNet layers the exported graph gives LoRA slots (export/lora_slots.py): the attention projections, every
+# layer of the transformer blocks, or every Linear and Conv2d.
+LORA_TARGET_FAMILIES = ("attention", "transformer", "all")
+DEFAULT_LORA_TARGETS = "all"
 MAX_SEED = 2**63 - 1  # seeds are INT64 on the wire; negative ones are refused
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,3 +233,17 @@ MAX_SEED = 2**63 - 1  # seeds are INT64 on the wire; negative ones are refused
 # ---------------------------------------------------------------------------------------------------------
 # Smallest LaMa input side: at 1/LAMA_MODULO scale the 3x3 reflect-padded convolutions need 2 pixels.
 LAMA_MIN_SIDE = 2 * LAMA_MODULO
+
+# ---------------------------------------------------------------------------------------------------------
+# Real-ESRGAN (export/esrgan.py, ensemble/upscale.py).
+# ---------------------------------------------------------------------------------------------------------
+UPSCALE_MODEL = "upscale"  # not in ONNX_MODELS until its config.pbtxt exists (serving is separate work)
+# upscale: image f32 [1,3,H,W] RGB in 0..1 -> upscaled f32 [1,3,sH,sW] (s = the checkpoint's scale; unclamped)
+ESRGAN_IN_IMAGE = "image"
+ESRGAN_OUT_UPSCALED = "upscaled"
+# Tiling as Real-ESRGAN's inference does it (its --tile 512 --tile_pad 10): each tile is run with this much
+# context on every side, and only its own part is pasted, so tiles join without seams.
+UPSCALE_TILE = 512
+UPSCALE_TILE_PAD = 10
+# Largest upscaled image (pixels): a 4096x4096 photo at x2; x4 of anything above 2048x2048 is refused.
+MAX_UPSCALED_PIXELS = 8192 * 8192

@@ -1,16 +1,26 @@
 """The default profile's ONNX models: onnxruntime inside a Python-backend model, on the ``model.onnx`` beside it.
 
 Any machine without a GPU or a container can serve the exported graphs this way; the ``gpu`` profile serves the very
-same files with Triton's own onnxruntime/tensorrt backends instead. Each ``model_repository/<model>/1/model.py``
-of an ONNX model is this class and nothing else.
+same files with onnxruntime's CUDA provider (``parameters { key: "execution_provider" ... }``) or Triton's own
+onnxruntime/tensorrt backends. Each ``model_repository/<model>/1/model.py`` of an ONNX model is this class and
+nothing else.
 
 With ``max_batch_size > 0`` and dynamic batching, Triton hands ``execute`` several requests at once; the Python
-backend does not concatenate them, so this does: requests whose non-batch shapes agree run as one onnxruntime call
-(the UNet's guidance pairs of concurrent requests become one batch-4 call), then the outputs are split back.
+backend does not concatenate them, so this does: requests whose non-batch shapes agree, and that name the same
+character, run as one onnxruntime call (the UNet's guidance pairs of concurrent requests become one batch-4 call),
+then the outputs are split back. Models without batching run each request alone.
+
+A model whose config declares the optional ``character`` input (``unet``, ``text_encoder``) runs each request with
+the weights its character brings (:mod:`isekai.serving.character_weights`): the base graph with a LoRA adapter
+active, or the character's own graph. Requests of different characters never share a run.
+
+Errors: a request whose inputs are wrong fails alone with INVALID_ARGUMENT; onnxruntime failing to run (out of
+memory, a kernel error) is the server's fault: INTERNAL naming the model, logged with the request ids.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,35 +28,49 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from isekai import constants as C
-from isekai.serving import triton
-from isekai.serving.ort_options import session_options
+from isekai.ensemble.characters import CharacterChanged, CharacterStore
+from isekai.serving import metrics, triton
+from isekai.serving.character_weights import CharacterWeights
+from isekai.serving.ort_options import providers, session_options
+
+log = logging.getLogger("isekai")
 
 
 class TritonPythonModel:
-    """Serve ``<model>/1/model.onnx`` with onnxruntime's CPU provider."""
+    """Serve ``<model>/1/model.onnx`` with onnxruntime (CPU, or the provider the config names)."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        import onnxruntime as ort  # noqa: PLC0415
-
         self.config = triton.load_config(args)
         self.name = args["model_name"]
+        self.params = triton.parameters(self.config)
         self.batched = self.config.get("max_batch_size", 0) > 0
+        self.device_id = int(args.get("model_instance_device_id", "0") or 0)
         path = Path(args["model_repository"]) / args["model_version"] / C.ONNX_FILENAME
         if not path.exists():
             raise FileNotFoundError(
                 f"{self.name}: {path} does not exist; export it first (isekai export ... --repository "
                 f"{Path(args['model_repository']).parent})"
             )
-        self.session = ort.InferenceSession(
-            str(path), session_options(triton.parameters(self.config)), providers=["CPUExecutionProvider"]
-        )
+        self.session = self._open(path)
+        # Graph inputs without a default; LoRA slots (inputs with an initializer) are set by adapters only.
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.dtypes = {
-            name: pb_utils.triton_string_to_numpy(cfg["data_type"])
-            for cfg in self.config["input"]
-            for name in [cfg["name"]]
-        }
+        self.dtypes = {cfg["name"]: pb_utils.triton_string_to_numpy(cfg["data_type"]) for cfg in self.config["input"]}
+        self.characters: CharacterWeights | None = None
+        self.metrics = None
+        if C.SD_IN_CHARACTER in self.dtypes:
+            self.metrics = metrics.character_weights_metrics(self.name)
+            self.characters = CharacterWeights(
+                CharacterStore(Path(args["model_repository"]).parent), self.name, self.session, self._open,
+                adapter_budget=int(self.params.get("character_adapter_bytes", C.CHARACTER_ADAPTER_BYTES)),
+                graph_budget=int(self.params.get("character_graph_bytes", C.CHARACTER_GRAPH_BYTES)),
+            )
+
+    def _open(self, path: Path):
+        import onnxruntime as ort  # noqa: PLC0415
+
+        return ort.InferenceSession(str(path), session_options(self.params),
+                                    providers=providers(self.params, self.device_id))
 
     def _feed(self, request) -> dict[str, np.ndarray]:
         feed = {}
@@ -58,31 +82,59 @@ class TritonPythonModel:
             feed[name] = value
         return feed
 
+    def _character(self, request) -> str:
+        """The request's character key (``""``: the base); every row of a batched request names the same one."""
+        if self.characters is None:
+            return ""
+        value = triton.optional_input(request, C.SD_IN_CHARACTER)
+        if value is None or value.size == 0:
+            return ""
+        keys = {(v if isinstance(v, bytes) else bytes(v)).decode("utf-8", "replace") for v in value.reshape(-1)}
+        if len(keys) != 1:
+            raise ValueError(f"input '{C.SD_IN_CHARACTER}' must name one character per request, got {sorted(keys)}")
+        return keys.pop()
+
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = defaultdict(list)
         for i, request in enumerate(requests):
             try:
                 feed = self._feed(request)
+                character = self._character(request)
             except Exception as err:  # noqa: BLE001 - this request alone fails
                 responses[i] = triton.error_response(err)
                 continue
-            key = tuple((n, v.shape[1:] if self.batched else v.shape, v.dtype.str) for n, v in feed.items())
+            if self.batched:
+                key = (character, tuple((n, v.shape[1:], v.dtype.str) for n, v in feed.items()))
+            else:
+                key = (character, i)  # a model without batching never joins requests
             groups[key].append((i, feed))
-        for members in groups.values():
-            self._run_group(members, responses)
+        for (character, _), members in groups.items():
+            self._run_group(character, members, requests, responses)
+        if self.metrics is not None:
+            self.metrics.update(self.characters.stats())
         return responses
 
-    def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list) -> None:
-        if len(members) == 1:
-            batches = [members[0][1]]
-        else:
-            batches = [{n: np.concatenate([f[n] for _, f in members]) for n in self.inputs}]
+    def _run_group(self, character: str, members: list[tuple[int, dict[str, np.ndarray]]], requests: list,
+                   responses: list) -> None:
         try:
-            outputs = self.session.run(self.output_names, batches[0])
-        except Exception as err:  # noqa: BLE001 - onnxruntime rejects shapes/values with its own message
-            for i, _ in members:
-                responses[i] = triton.error_response(ValueError(f"{self.name}: {err}"))
+            loaded = self.characters.get(character) if self.characters is not None else None
+        except CharacterChanged as err:
+            self._fail(members, requests, responses, err, "the character's weights")
+            return
+        except (ValueError, OSError) as err:
+            self._fail(members, requests, responses, ValueError(f"{self.name}: {err}"), "")
+            return
+        session = self.session if loaded is None else loaded.session
+        run_options = None if loaded is None else loaded.run_options
+        if len(members) == 1:
+            batch = members[0][1]
+        else:
+            batch = {n: np.concatenate([f[n] for _, f in members]) for n in self.inputs}
+        try:
+            outputs = session.run(self.output_names, batch, run_options)
+        except Exception as err:  # noqa: BLE001 - onnxruntime failing to run is the server's fault, not the caller's
+            self._fail(members, requests, responses, RuntimeError(f"{self.name}: onnxruntime failed: {err}"), "run")
             return
         offset = 0
         for i, feed in members:
@@ -93,5 +145,14 @@ class TritonPythonModel:
                 output_tensors=[triton.tensor(n, p) for n, p in zip(self.output_names, parts, strict=True)]
             )
 
+    def _fail(self, members, requests, responses, err: Exception, what: str) -> None:
+        """Answer every request of a group with ``err``; a server-side failure is logged with the request ids."""
+        if what:
+            ids = [requests[i].request_id() or f"#{i}" for i, _ in members]
+            log.error("%s: %s failed for requests %s: %s", self.name, what, ids, err)
+        for i, _ in members:
+            responses[i] = triton.error_response(err)
+
     def finalize(self) -> None:
         self.session = None
+        self.characters = None

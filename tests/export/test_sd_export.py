@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -14,7 +15,8 @@ import torch
 from isekai import constants as C
 from isekai.ensemble import characters as chars
 from isekai.ensemble.diffusion import DiffusionOptions, img2img
-from isekai.export import common, sd
+from isekai.export import common, lora_slots, sd
+from isekai.export.characters import add_prompt_character, report_stale, set_default
 from isekai.export.common import check_parity, ort_session, random_like
 from isekai.export.make_sd import make_sd_folder
 
@@ -99,9 +101,11 @@ def test_tiny_keeps_sd_shape_rules(models):
 def test_graph_names_dtypes_and_dynamic_axes(exported, models, model):
     spec = spec_of(model, models.text_hidden_size)
     graph = onnx.load(str(graph_path(exported, spec.model)), load_external_data=False).graph
-    assert [i.name for i in graph.input] == spec.input_names
+    slots = {init.name for init in graph.initializer}  # LoRA slots: inputs with a default
+    inputs = [i for i in graph.input if i.name not in slots]
+    assert [i.name for i in inputs] == spec.input_names
     assert [o.name for o in graph.output] == spec.output_names
-    for value, dims in zip([*graph.input, *graph.output], [*spec.inputs.values(), *spec.outputs.values()]):
+    for value, dims in zip([*inputs, *graph.output], [*spec.inputs.values(), *spec.outputs.values()]):
         shape = value.type.tensor_type.shape.dim
         assert len(shape) == len(dims), value.name
         for got, want in zip(shape, dims):
@@ -109,7 +113,7 @@ def test_graph_names_dtypes_and_dynamic_axes(exported, models, model):
                 assert got.dim_value == want, value.name
             else:
                 assert got.dim_param, f"{value.name}: axis {want} should be dynamic"
-    dtypes = {i.name: ONNX_TYPES[i.type.tensor_type.elem_type] for i in graph.input}
+    dtypes = {i.name: ONNX_TYPES[i.type.tensor_type.elem_type] for i in inputs}
     if spec.model == C.TEXT_ENCODER_MODEL:
         assert dtypes[C.TEXT_IN_IDS] == C.TEXT_IDS_DTYPE
     if spec.model == C.UNET_MODEL:
@@ -146,6 +150,23 @@ def test_parity_at_other_batch_and_size(exported, models, model):
     assert report.worst() <= sd.ATOL[model]
 
 
+@pytest.mark.parametrize("model,count", [(C.UNET_MODEL, None), (C.TEXT_ENCODER_MODEL, None)])
+def test_unet_and_text_encoder_carry_lora_slots_with_rank_0_defaults(exported, models, model, count):
+    path = graph_path(exported, model)
+    slots = lora_slots.read_slots(path)
+    module = models.unet if model == C.UNET_MODEL else models.text_encoder
+    linear_or_conv = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    if model == C.UNET_MODEL:  # the default targets: every Linear and Conv2d
+        assert sorted(slots) == sorted(linear_or_conv)
+    else:  # the text encoder's transformer layers (the final projection has none)
+        assert sorted(slots) == sorted(p for p in linear_or_conv if ".layers." in f".{p}")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    defaults = {init.name: list(init.dims) for init in graph.initializer if init.name.endswith(".lora_A")}
+    assert len(defaults) == len(slots) and all(0 in dims for dims in defaults.values())
+    layers, targets = lora_slots.graph_layers(path)
+    assert sorted(layers) == sorted(slots) and targets == C.DEFAULT_LORA_TARGETS
+
+
 def test_export_registers_the_default_character(exported, models, folder):
     data = exported / C.DIFFUSION_MODEL
     assert sorted(p.name for p in (data / chars.TOKENIZER_DIR).iterdir()) == sorted(chars.TOKENIZER_FILES)
@@ -154,17 +175,19 @@ def test_export_registers_the_default_character(exported, models, folder):
     assert config.scaling_factor == models.vae.config.scaling_factor
     assert config.scheduler_config == json.loads((folder / "scheduler/scheduler_config.json").read_text())
     assert config.text_hidden_size == models.text_hidden_size
+    assert config.fingerprints == sd.fingerprints(folder) and config.base_fingerprint
+    assert config.unet_config == sd.architecture(models.unet.config)
     character = chars.CharacterStore(exported).get(None)
     assert character.name == C.DEFAULT_CHARACTER and character.prompt == sd.DEFAULT_PROMPT
     # Row 0 negative, row 1 prompt, as the PyTorch text encoder computes them from the folder's tokenizer.
     want = sd.encode_prompts(models, [sd.DEFAULT_NEGATIVE_PROMPT, sd.DEFAULT_PROMPT])
-    np.testing.assert_allclose(character.embeddings, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(character.embeddings, want, rtol=0, atol=sd.ATOL[C.TEXT_ENCODER_MODEL])
 
 
 def test_prompt_override_path_matches_registered_embeddings(exported, models):
     """What the server does for a request's own prompt: the copied tokenizer, then the text_encoder graph."""
-    register = sd.register_character(models.folder, exported, "sks", "a photo of sks girl", "blurry")
-    assert register == exported / C.DIFFUSION_MODEL / chars.CHARACTERS_DIR / "sks"
+    folder = add_prompt_character(exported, "sks", "a photo of sks girl", "blurry")
+    assert folder == exported / C.DIFFUSION_MODEL / chars.CHARACTERS_DIR / "sks"
     tokenizer = chars.Tokenizer.from_repository(exported)
     session = ort_session(graph_path(exported, C.TEXT_ENCODER_MODEL))
     rows = [session.run(None, {C.TEXT_IN_IDS: tokenizer(p)})[0][0] for p in ("blurry", "a photo of sks girl")]
@@ -174,21 +197,24 @@ def test_prompt_override_path_matches_registered_embeddings(exported, models):
     assert chars.CharacterStore(exported).config.default_character == C.DEFAULT_CHARACTER  # unchanged
 
 
-def test_first_character_of_a_repository_becomes_default(folder, tmp_path):
-    sd.register_character(folder, tmp_path, "hero", "a photo of sks boy")
-    sd.register_character(folder, tmp_path, "villain", "a dark knight")
-    store = chars.CharacterStore(tmp_path)
-    assert store.names() == ["hero", "villain"] and store.config.default_character == "hero"
-    sd.register_character(folder, tmp_path, "villain", "a dark knight", make_default=True)
-    assert store.config.default_character == "villain"
-
-
-def test_registering_with_another_models_text_encoder_is_refused(folder, tmp_path):
-    sd.register_character(folder, tmp_path, "hero", "a photo of sks boy")
+def test_export_with_a_character_makes_it_the_default_and_turns_other_bases_away(exported, tmp_path):
+    """Item 5 of the characters issue: after `export sd --model X --character NAME`, requests without a character
+    draw NAME with X, and characters registered on the previous base are refused by name, not drawn by X."""
+    repository = shutil.copytree(exported, tmp_path / "repository")
+    add_prompt_character(repository, "villain", "a dark knight")
+    stale_before = chars.CharacterStore(repository).names()  # whatever other tests registered
     other = make_sd_folder(tmp_path / "other", "tiny", seed=1)  # same architecture, other weights
-    with pytest.raises(ValueError, match="exported from a model with another text encoder"):
-        sd.register_character(other, tmp_path, "villain", "a dark knight")
-    assert chars.CharacterStore(tmp_path).names() == ["hero"]
+    argv = ["--model", str(other), "--repository", str(repository), "--character", "hero", "--prompt", "a boy"]
+    assert sd.main(parse(argv)) == 0
+    store = chars.CharacterStore(repository)
+    assert store.config.default_character == "hero" and store.get(None).name == "hero"
+    assert store.config.fingerprints == sd.fingerprints(other)
+    with pytest.raises(ValueError, match="'villain' was registered on another base model"):
+        store.get("villain")
+    assert sorted(report_stale(repository)) == sorted({C.DEFAULT_CHARACTER, "villain", *stale_before})
+    set_default(repository, "hero")
+    with pytest.raises(ValueError, match="another base model"):
+        set_default(repository, "villain")
 
 
 def test_loop_on_exported_graphs_matches_pytorch(exported, models):

@@ -13,24 +13,31 @@ from isekai.ensemble import characters as chars
 from isekai.export.make_sd import BOS_TOKEN, EOS_TOKEN, build_clip_bpe, write_clip_tokenizer
 
 D = 8
-FINGERPRINT = "f" * 64
+BASE = "b" * 64
 
 
 def embeddings(seed: int, d: int = D) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(2, C.SD_TOKEN_LENGTH, d)).astype(np.float32)
 
 
+def config(default: str | None = "hero", base: str = BASE) -> chars.PipelineConfig:
+    return chars.PipelineConfig(
+        scaling_factor=0.25, scheduler_config={"_class_name": "PNDMScheduler", "steps_offset": 1},
+        text_hidden_size=D, default_character=default, base_fingerprint=base,
+    )
+
+
 @pytest.fixture()
 def repository(tmp_path):
-    chars.PipelineConfig(
-        scaling_factor=0.25, scheduler_config={"_class_name": "PNDMScheduler", "steps_offset": 1},
-        text_hidden_size=D, default_character="hero", text_fingerprint=FINGERPRINT,
-    ).save(tmp_path)
-    hero = chars.Character("hero", "a photo of sks girl", "blurry", embeddings(0))
-    chars.save_character(tmp_path, hero, FINGERPRINT)
-    villain = chars.Character("villain", "a dark knight", "", embeddings(1))
-    chars.save_character(tmp_path, villain, FINGERPRINT)
+    config().save(tmp_path)
+    chars.write_character(tmp_path, chars.Character("hero", "a photo of sks girl", "blurry", embeddings(0)), BASE)
+    chars.write_character(tmp_path, chars.Character("villain", "a dark knight", "", embeddings(1)), BASE)
     return tmp_path
+
+
+def tree(root) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes: what "left exactly as it was" compares."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_layout_on_disk(repository):
@@ -39,7 +46,8 @@ def test_layout_on_disk(repository):
     for name in ("hero", "villain"):
         folder = data / chars.CHARACTERS_DIR / name
         meta = json.loads((folder / chars.CHARACTER_FILE).read_text())
-        assert meta["name"] == name and meta["text_fingerprint"] == FINGERPRINT
+        assert meta["name"] == name and meta["base_fingerprint"] == BASE and meta["kind"] == "prompt"
+        assert len(meta["revision"]) == 12 and meta["weights"] == {}
         assert np.load(folder / chars.EMBEDDINGS_FILE).shape == (2, C.SD_TOKEN_LENGTH, D)
     assert not list(data.rglob(".*"))  # no temporary files left behind
 
@@ -53,19 +61,32 @@ def test_get_by_name_and_default(repository):
     assert hero.embeddings.dtype == np.float32
     assert store.get(None).name == store.get("").name == "hero"
     assert store.get("villain").negative_prompt == ""
+    assert hero.key == f"hero@{hero.revision}"
 
 
 def test_pipeline_config_round_trip(repository):
-    config = chars.CharacterStore(repository).config
-    assert config.scaling_factor == 0.25
-    assert config.scheduler_config == {"_class_name": "PNDMScheduler", "steps_offset": 1}
-    assert (config.text_hidden_size, config.token_length, config.default_character) == (D, 77, "hero")
+    loaded = chars.CharacterStore(repository).config
+    assert loaded == config()
+
+
+def test_pipeline_config_of_an_older_isekai_says_to_export_again(tmp_path):
+    path = chars.data_dir(tmp_path) / chars.PIPELINE_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": 1}))
+    with pytest.raises(ValueError, match="format 1 is not 2 .* `isekai export sd"):
+        chars.PipelineConfig.load(tmp_path)
 
 
 def test_unknown_character_lists_the_known_ones(repository):
     with pytest.raises(ValueError) as err:
         chars.CharacterStore(repository).get("x")
     assert str(err.value) == "character 'x' is not registered; known: hero, villain"
+
+
+def test_no_default_character_says_how_to_pick_one(tmp_path):
+    config(default=None).save(tmp_path)
+    with pytest.raises(ValueError, match="no default character .* --default"):
+        chars.CharacterStore(tmp_path).get(None)
 
 
 @pytest.mark.parametrize("name", ["../hero", "a/b", ".hidden", "", "x" * 65, "naïve", "a b"])
@@ -77,32 +98,77 @@ def test_invalid_names_are_refused_before_touching_the_disk(repository, name):
             chars.CharacterStore(repository).get(name)
 
 
-def test_re_registered_character_is_reloaded(repository):
+def test_re_registered_character_is_reloaded_with_a_new_revision(repository):
     store = chars.CharacterStore(repository)
-    assert store.get("hero").prompt == "a photo of sks girl"
-    chars.save_character(repository, chars.Character("hero", "a new prompt", "", embeddings(5)), FINGERPRINT)
+    before = store.get("hero")
+    chars.write_character(repository, chars.Character("hero", "a new prompt", "", embeddings(5)), BASE)
     hero = store.get("hero")
-    assert hero.prompt == "a new prompt"
+    assert hero.prompt == "a new prompt" and hero.revision != before.revision
     np.testing.assert_array_equal(hero.embeddings, embeddings(5))
 
 
-def test_character_of_another_text_encoder_is_refused(repository):
-    chars.save_character(repository, chars.Character("stranger", "p", "", embeddings(2)), "0" * 64)
-    with pytest.raises(ValueError, match="'stranger' was registered with another text encoder"):
+def test_character_of_another_base_is_refused_and_listed_with_the_reason(repository):
+    chars.write_character(repository, chars.Character("stranger", "p", "", embeddings(2)), "0" * 64)
+    with pytest.raises(ValueError, match="'stranger' was registered on another base model .* register it again"):
         chars.CharacterStore(repository).get("stranger")
+    infos = {i.name: i for i in chars.CharacterStore(repository).infos()}
+    assert "another base model" in infos["stranger"].problem
+    assert infos["hero"].problem is None and infos["hero"].default and not infos["villain"].default
+    assert infos["hero"].bytes > 2 * C.SD_TOKEN_LENGTH * D * 4
+
+
+def test_a_re_exported_base_turns_cached_characters_away(repository):
+    store = chars.CharacterStore(repository)
+    store.get("hero")  # cached
+    config(base="c" * 64).save(repository)
+    with pytest.raises(ValueError, match="another base model"):
+        store.get("hero")
 
 
 def test_embeddings_of_the_wrong_width_are_refused(repository):
-    chars.save_character(repository, chars.Character("wide", "p", "", embeddings(3, d=D + 1)), FINGERPRINT)
+    chars.write_character(repository, chars.Character("wide", "p", "", embeddings(3, d=D + 1)), BASE)
     message = r"'wide': embeddings are float32 \[2, 77, 9\], expected float32 \[2, 77, 8\]"
     with pytest.raises(ValueError, match=message):
         chars.CharacterStore(repository).get("wide")
 
 
-def test_save_character_checks_the_embeddings(tmp_path):
+def test_write_character_checks_the_embeddings(tmp_path):
     with pytest.raises(ValueError, match=r"embeddings should be float32 \[2, 77, D\] but are float64"):
-        bad = chars.Character("a", "p", "", embeddings(0).astype(np.float64))
-        chars.save_character(tmp_path, bad, FINGERPRINT)
+        chars.write_character(tmp_path, chars.Character("a", "p", "", embeddings(0).astype(np.float64)), BASE)
+
+
+def test_failed_writes_leave_the_repository_as_it_was(repository, tmp_path):
+    before = tree(repository)
+    adapter = chars.Character("lora", "p", "", embeddings(0), kind="lora", weights={"unet": "adapter"})
+    with pytest.raises(ValueError, match="its unet adapter file is missing"):
+        chars.write_character(repository, adapter, BASE)  # no file given for the declared weights
+    with pytest.raises(ValueError, match="'hero' is already registered"):
+        chars.write_character(repository, chars.Character("hero", "p", "", embeddings(0)), BASE, replace=False)
+    with pytest.raises(ValueError, match="weights should map"):
+        bad = chars.Character("x", "p", "", embeddings(0), weights={"vae_decoder": "graph"})
+        chars.write_character(repository, bad, BASE)
+    assert tree(repository) == before
+
+
+def test_weights_of_a_character_follow_its_revision(repository, tmp_path):
+    source = tmp_path / "unet.onnx_adapter"
+    source.write_bytes(b"adapter")
+    lora = chars.Character("lora", "p", "", embeddings(0), kind="lora", weights={"unet": "adapter"})
+    folder = chars.write_character(repository, lora, BASE, {"unet.onnx_adapter": source})
+    store = chars.CharacterStore(repository)
+    key = store.get("lora").key
+    assert store.weights_of(key, C.UNET_MODEL) == ("adapter", folder / "unet.onnx_adapter")
+    assert store.weights_of(key, C.TEXT_ENCODER_MODEL) is None  # no text-encoder weights of its own
+    assert store.weights_of(store.get("hero").key, C.UNET_MODEL) is None
+    chars.write_character(repository, chars.Character("lora", "p", "", embeddings(0)), BASE)
+    with pytest.raises(chars.CharacterChanged, match="registered again while this request ran"):
+        store.weights_of(key, C.UNET_MODEL)
+    chars.remove_character_folder(repository, "lora")
+    with pytest.raises(chars.CharacterChanged, match="not registered"):
+        store.weights_of(key, C.UNET_MODEL)
+    with pytest.raises(ValueError, match="NAME@REVISION"):
+        store.weights_of("lora", C.UNET_MODEL)
+    assert store.names() == ["hero", "villain"] and not list(chars.characters_dir(repository).glob(".*"))
 
 
 def test_missing_pipeline_config_says_what_to_run(tmp_path):

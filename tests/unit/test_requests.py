@@ -33,12 +33,13 @@ def _click(x=10.0, y=20.0):
 
 
 def test_swap_defaults(png):
+    """No character means "" (the repository's default, which the character store knows), not a fixed name."""
     points, labels = _click()
     req = validate_swap(png, points, labels)
     assert req.image.shape == (H, W, 3) and req.image_key == image_key(png)
     assert req.clicks.points.dtype == np.float32 and req.clicks.labels.dtype == np.int32
     assert req.clicks.box is None
-    assert req.options == SwapOptions(C.DEFAULT_CHARACTER, None, C.DEFAULT_STRENGTH, C.DEFAULT_STEPS,
+    assert req.options == SwapOptions("", None, C.DEFAULT_STRENGTH, C.DEFAULT_STEPS,
                                       C.DEFAULT_GUIDANCE, C.DEFAULT_SEED, C.DEFAULT_FORMAT)
 
 

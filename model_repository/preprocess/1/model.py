@@ -32,7 +32,7 @@ class TritonPythonModel:
         self.characters = CharacterStore(Path(args["model_repository"]).parent)
         self.sam = SamTransform()
         self.name = args["model_name"]
-        self.metrics = metrics.CacheMetrics(self.name)
+        self.metrics = metrics.cache_metrics(self.name)
 
     def execute(self, requests: list) -> list:
         responses = triton.respond_each(requests, self._handle, self.name)
