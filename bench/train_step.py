@@ -69,13 +69,14 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     from transformers import CLIPTextModel  # noqa: PLC0415, F401
 
     from isekai.export import train_lora as tl  # noqa: PLC0415
+    from isekai.export import train_photos as tp  # noqa: PLC0415
     from isekai.export.sd import load_sd  # noqa: PLC0415
 
     folder = sd_folder(args.size, args.cache)
     options = tl.TrainOptions(
         resolution=args.resolution, rank=args.rank, batch_size=args.batch_size, device=args.device, seed=0
     )
-    photos = tl.load_photos(tl.list_photos(astronaut_photo(args.cache)), options.resolution)
+    photos = tp.load_photos(tp.list_photos(astronaut_photo(args.cache)), options.resolution)
     started = time.perf_counter()
     trainer = tl.LoraTrainer(load_sd(folder), PROMPT, options, photos)
     load_s = time.perf_counter() - started

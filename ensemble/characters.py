@@ -98,6 +98,11 @@ def check_character_name(name: str) -> str:
     return name
 
 
+def plan_path(folder: Path, model: str) -> Path:
+    """Where a character keeps its TensorRT plan of ``model`` (``isekai export tensorrt`` builds it)."""
+    return Path(folder) / f"{model}.plan"
+
+
 def weights_path(folder: Path, model: str, form: str) -> Path:
     """Where a character folder keeps ``model``'s own weights: ``<model>.onnx_adapter`` or ``<model>/model.onnx``."""
     if form == "adapter":

@@ -99,7 +99,9 @@ def read_adapter(path: str | Path) -> dict[str, np.ndarray]:
     """The parameters of an ``.onnx_adapter`` file, as numpy arrays."""
     import onnxruntime as ort  # noqa: PLC0415
 
-    return {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+    adapter = ort.AdapterFormat.read_adapter(str(path))
+    # Copies: the arrays would otherwise point into the adapter's memory, which goes with the adapter object.
+    return {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
 
 
 def fuse_into(module, layers: Mapping[str, LoraLayer]) -> None:

@@ -35,7 +35,9 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from isekai import constants as C
@@ -194,7 +196,6 @@ def open_slots(
     the number of slots.
     """
     rename = rename or (lambda p: p)
-    import numpy as np  # noqa: PLC0415
     import onnx  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
@@ -268,3 +269,92 @@ def read_slots(onnx_path: str | Path) -> dict[str, SlotShape]:
         else:
             slots[path] = SlotShape("conv", int(a[1]), int(b[0]), (int(a[2]), int(a[3])))
     return slots
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fusing an adapter into the graph (TensorRT plans, a fused base): W + scale * up @ down, slots removed.
+# ---------------------------------------------------------------------------------------------------------------
+def _slot_nodes(graph, path: str) -> tuple[Any, Any, Any, Any, str]:
+    """(down node, up node, the Add joining the base layer, the base layer's node, the base output name)."""
+    consumers: dict[str, list[Any]] = {}
+    producers: dict[str, Any] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producers[name] = node
+    down = consumers[path + SLOT_A][0]
+    up = consumers[down.output[0]][0]
+    add = consumers[up.output[0]][0]
+    if len(consumers[up.output[0]]) != 1 or add.op_type != "Add":
+        raise ValueError(f"slot {path}: its up factor does not feed one Add (the layout open_slots writes)")
+    base_out = next(name for name in add.input if name != up.output[0])
+    x = down.input[0]
+    node = producers.get(base_out)
+    while node is not None and not (node.op_type in ("MatMul", "Gemm", "Conv") and node.input[0] == x):
+        node = producers.get(node.input[0])  # through the bias Add the exporter puts after a MatMul
+    if node is None:
+        raise ValueError(f"slot {path}: no MatMul/Gemm/Conv on its input {x!r} feeds its Add")
+    return down, up, add, node, base_out
+
+
+def _delta(node, weight: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The base weight's change, in the base node's own layout."""
+    if node.op_type == "Conv":
+        return np.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+    delta = a @ b  # [in, out]
+    trans_b = next((attr.i for attr in node.attribute if attr.name == "transB"), 0)
+    return delta.T if node.op_type == "Gemm" and trans_b else delta
+
+
+def fuse_adapter(model, params: Mapping[str, np.ndarray] | None, base_dir: str | Path | None = None):
+    """``model`` (an onnx.ModelProto with slots, its weights loaded) with ``params`` fused into the base weights
+    and every slot removed: the plain graph a TensorRT plan is built from. ``params`` None only removes the slots
+    (the base). Each slot's branch ``Add(base, up(down(x)))`` becomes ``base``; the base layer's weight gets
+    ``A @ B`` in its own layout (MatMul [in, out], Gemm with transB [out, in], Conv [out, in, kh, kw]).
+    ``base_dir`` is where the model's external data lies, if its weights are not loaded yet.
+    """
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    graph = model.graph
+    paths = sorted({i.name[: -len(SLOT_A)] for i in graph.input if i.name.endswith(SLOT_A)})
+    unknown = sorted(set(params or {}) - {p + s for p in paths for s in (SLOT_A, SLOT_B)})
+    if unknown:
+        raise ValueError(f"adapter parameters {unknown[:3]} name no slot of the graph")
+    inits = {init.name: init for init in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    drop_nodes, renames = [], {}
+    for path in paths:
+        down, up, add, node, base_out = _slot_nodes(graph, path)
+        if params and path + SLOT_A in params:
+            name = node.input[1]
+            if uses.get(name) != 1 or name not in inits:
+                raise ValueError(f"slot {path}: its base weight {name!r} is not an initializer of its own")
+            weight = numpy_helper.to_array(inits[name], base_dir=str(base_dir or ""))
+            fused = weight + _delta(node, weight, params[path + SLOT_A], params[path + SLOT_B]).astype(weight.dtype)
+            inits[name].CopyFrom(numpy_helper.from_array(fused, name))
+        drop_nodes += [down, up, add]
+        renames[add.output[0]] = base_out
+    dropped = {id(n) for n in drop_nodes}
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            while name in renames:
+                name = renames[name]
+            node.input[i] = name
+    for output in graph.output:
+        while output.name in renames:
+            output.name = renames[output.name]
+    slot_names = {p + s for p in paths for s in (SLOT_A, SLOT_B)}
+    keep_inputs = [i for i in graph.input if i.name not in slot_names]
+    del graph.input[:]
+    graph.input.extend(keep_inputs)
+    keep_inits = [i for i in graph.initializer if i.name not in slot_names]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+    return model

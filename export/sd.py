@@ -290,8 +290,9 @@ def base_fingerprint(parts: Mapping[str, str]) -> str:
 
 
 def architecture(unet_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A UNet config without the keys that do not change its layers (names, versions)."""
-    return {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    """A UNet config without the keys that do not change its layers (names, versions), as JSON stores it (lists,
+    not tuples), so a config read back from pipeline.json compares equal."""
+    return json.loads(json.dumps({k: v for k, v in unet_config.items() if not k.startswith("_")}))
 
 
 def encode_prompts(models: SdModels, prompts: list[str]) -> np.ndarray:
@@ -302,6 +303,15 @@ def encode_prompts(models: SdModels, prompts: list[str]) -> np.ndarray:
     with torch.no_grad():
         hidden = models.text_encoder(input_ids=ids, return_dict=False)[0]
     return hidden.float().numpy()
+
+
+def _unet_config(models: SdModels) -> Mapping[str, Any]:
+    """The UNet's config: the loaded module's, or read from the folder when only the text encoder was loaded."""
+    if models.unet is not None:
+        return models.unet.config
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+    return UNet2DConditionModel.load_config(str(models.folder), subfolder="unet", local_files_only=True)
 
 
 def write_pipeline_data(models: SdModels, repository: Path, lora_targets: str, default: str | None) -> None:
@@ -322,7 +332,7 @@ def write_pipeline_data(models: SdModels, repository: Path, lora_targets: str, d
         default_character=default,
         fingerprints=parts,
         base_fingerprint=base_fingerprint(parts),
-        unet_config=architecture(models.unet.config) if models.unet is not None else {},
+        unet_config=architecture(_unet_config(models)),
         lora_targets=lora_targets,
     ).save(repository)
 

@@ -7,6 +7,14 @@ version that built it, so build in the container that serves it.
 Every dynamic input gets one optimization profile from its :class:`GraphSpec`: the named axes' bounds give
 min and max, a typical value gives opt (``--opt AXIS=VALUE`` overrides it). Static dims are fixed.
 
+Graphs with LoRA slots (unet, text_encoder: :mod:`isekai.export.lora_slots`) are built without them: TensorRT
+takes no zero-rank weights, and a plan cannot switch adapters per request. Characters that bring weights of their
+own get plans of their own instead, ``<repository>/diffusion/characters/<NAME>/<model>.plan``: a LoRA character's
+adapter fused into the base weights (:func:`isekai.export.lora_slots.fuse_adapter`), a full fine-tune's own graph.
+The ``tensorrt`` profile's unet and text_encoder (Python backend, :mod:`isekai.serving.trt_session`) load them on
+first use, least recently used out first, as the default profile does with its adapters and graphs. Run this again
+after registering characters: existing plans are kept.
+
 ``isekai export tensorrt --repository model_repository``
 """
 
@@ -21,10 +29,14 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import tempfile
+
 import onnx
 
 from isekai import constants as C
-from isekai.export.common import GraphSpec, progress
+from isekai.ensemble import characters as chars
+from isekai.export.common import EXTERNAL_DATA_THRESHOLD, GraphSpec, progress
+from isekai.export.lora_slots import SLOT_A, fuse_adapter
 
 # Triton's own default for the onnxruntime TensorRT accelerator in configs/gpu.pbtxt is the same 4 GiB.
 DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
@@ -323,15 +335,61 @@ def build_repository_plans(
         if not source.is_file():
             raise ValueError(f"{model}: {source} does not exist; export it first (isekai export ...)")
         spec = spec_for_graph(specs[model], source)
-        plan = source.with_name(C.PLAN_FILENAME)
-        fresh = plan.is_file() and plan.stat().st_mtime >= source.stat().st_mtime
-        if fresh and not force:
-            progress(f"{model}: {plan} is newer than {source.name}, kept (--force rebuilds)")
+        axes = {k: v for k, v in (opt or {}).items() if k in axis_names(spec)}
+        build = dict(shapes=profile_shapes(spec, axes), fp16=fp16, workspace_bytes=workspace_bytes, force=force)
+        plans.append(_build_fused(source, None, source.with_name(C.PLAN_FILENAME), spec, **build))
+        if model in chars.CHARACTER_MODELS:
+            plans += _character_plans(repository, model, source, spec, build)
+    return plans
+
+
+def _has_slots(onnx_path: Path) -> bool:
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(i.name.endswith(SLOT_A) for i in graph.input)
+
+
+def _build_fused(
+    source: Path, adapter: Path | None, plan: Path, spec: GraphSpec, *, shapes: Shapes, fp16: bool,
+    workspace_bytes: int, force: bool, newer_than: Path | None = None,
+) -> Path:
+    """Build ``plan`` from ``source``; a graph with LoRA slots is built with ``adapter`` fused in (or the slots
+    just removed). A plan newer than its sources is kept unless ``force``."""
+    sources = [p for p in (source, adapter, newer_than) if p is not None]
+    if plan.is_file() and not force and all(plan.stat().st_mtime >= p.stat().st_mtime for p in sources):
+        progress(f"{spec.model}: {plan} is newer than its sources, kept (--force rebuilds)")
+        return plan
+    if not _has_slots(source):
+        return build_plan(source, plan, spec, shapes, fp16=fp16, workspace_bytes=workspace_bytes)
+    from isekai.export.adapters import read_adapter  # noqa: PLC0415 - onnxruntime, only for adapters
+
+    model = fuse_adapter(onnx.load(str(source)), read_adapter(adapter) if adapter else None)
+    with tempfile.TemporaryDirectory(dir=plan.parent) as tmp:
+        plain = Path(tmp) / C.ONNX_FILENAME
+        external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        onnx.save(model, str(plain), save_as_external_data=external, location=f"{C.ONNX_FILENAME}.data")
+        return build_plan(plain, plan, spec, shapes, fp16=fp16, workspace_bytes=workspace_bytes)
+
+
+def _character_plans(repository: Path, model: str, base: Path, spec: GraphSpec, build: dict) -> list[Path]:
+    """Plans of ``model`` for the drawable characters that bring weights of their own for it."""
+    store = chars.CharacterStore(repository)
+    plans = []
+    for info in store.infos():
+        if info.problem:
+            progress(f"{model}: no plan for character {info.name!r}: {info.problem}")
+            continue
+        character = store.get(info.name)
+        form = character.weights.get(model)
+        if form is None:
+            continue
+        folder = store.directory / info.name
+        path = chars.weights_path(folder, model, form)
+        plan = chars.plan_path(folder, model)
+        meta = folder / chars.CHARACTER_FILE
+        if form == "adapter":
+            plans.append(_build_fused(base, path, plan, spec, newer_than=meta, **build))
         else:
-            axes = {k: v for k, v in (opt or {}).items() if k in axis_names(spec)}
-            shapes = profile_shapes(spec, axes)
-            build_plan(source, plan, spec, shapes, fp16=fp16, workspace_bytes=workspace_bytes)
-        plans.append(plan)
+            plans.append(_build_fused(path, None, plan, spec, newer_than=meta, **build))
     return plans
 
 

@@ -6,7 +6,7 @@
 2. load the base folder from disk (:func:`isekai.export.sd.load_sd`, never a hub name) and a DDPM noise
    scheduler from its ``scheduler/`` config;
 3. with prior preservation, top up the class-image folder with images the base model draws from the class
-   prompt (diffusers' ``StableDiffusionPipeline``);
+   prompt (:func:`isekai.export.train_photos.prepare_class_images`);
 4. add LoRA factors (peft) to the UNet's attention projections ``to_q/to_k/to_v/to_out.0``, and to the text
    encoder's ``q_proj/k_proj/v_proj/out_proj`` with ``train_text_encoder``; everything else stays frozen;
 5. the loop (:class:`LoraTrainer`): photos -> VAE latents -> noise at random timesteps -> the UNet predicts
@@ -17,16 +17,15 @@
    ``text_encoder.<module>.lora_linear_layer.down.weight`` / ``.up.weight``), so
    ``StableDiffusionPipeline.load_lora_weights`` and the LoRA export read it.
 
-Photos are made RGB (EXIF-rotated) and resized so that their short side is ``resolution``; each step then
-cuts a ``resolution`` x ``resolution`` window: a random one, mirrored left-right half of the time
-(``augment``, the default), or the centre one (``augment=False``, ``--center-crop``).
+The photos and class images, how they are decoded, sized and cropped: :mod:`isekai.export.train_photos`.
 
 Randomness and resuming: step k draws everything it uses (which photos, crops and flips, noise, timesteps,
 the VAE posterior sample) from a generator seeded by ``(seed, k)``, and each epoch's photo order from one
-seeded by ``(seed, epoch)``. No generator state has to survive between steps, so a run resumed from
-``checkpoint-k`` repeats exactly what an uninterrupted run does after step k. A checkpoint holds the LoRA
-factors, AdamW's state, the step, and torch's global RNG state (what dropout would draw from, if a base
-config enabled it); everything is loaded back with ``torch.load(weights_only=True)`` or safetensors::
+seeded by ``(seed, epoch)`` (:func:`~isekai.export.train_photos.seeded_generator`). No generator state has
+to survive between steps, so a run resumed from ``checkpoint-k`` repeats exactly what an uninterrupted run
+does after step k. A checkpoint holds the LoRA factors, AdamW's state, the step, and torch's global RNG
+state (what dropout would draw from, if a base config enabled it); everything is loaded back with
+``torch.load(weights_only=True)`` or safetensors::
 
     OUTPUT/checkpoint-<step>/lora.safetensors   LoRA factors, peft names ("unet.<module>.lora_A.weight")
     OUTPUT/checkpoint-<step>/optimizer.pt       AdamW's state dict (tensors and numbers)
@@ -50,16 +49,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from isekai import constants as C
 from isekai.export.common import progress
 from isekai.export.sd import SdModels, check_sd_folder, load_sd
+from isekai.export.train_photos import (
+    CLASS_ORDER_STREAM,
+    PHOTO_ORDER_STREAM,
+    STEP_STREAM,
+    crop,
+    list_photos,
+    load_photos,
+    prepare_class_images,
+    seeded_generator,
+)
 
 LORA_FILENAME = "pytorch_lora_weights.safetensors"  # the name diffusers' loaders look for
-PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # diffusers' train_dreambooth_lora.py targets: the attention projections of the UNet and of CLIP's layers.
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -70,11 +77,8 @@ DEFAULT_OUTPUT = Path("dreambooth-lora")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_WEIGHT_DECAY = 1e-2
 ADAM_EPSILON = 1e-8
-CLASS_IMAGES_PER_CALL = 4  # class images the pipeline draws per call (each from its own generator)
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-# Independent random streams of one run (see _generator).
-_STEP_STREAM, _PHOTO_ORDER_STREAM, _CLASS_ORDER_STREAM, _CLASS_IMAGE_STREAM = range(4)
 
 
 @dataclass(frozen=True)
@@ -162,165 +166,6 @@ def resolve_device(options: TrainOptions) -> torch.device:
     return device
 
 
-# --- photos -------------------------------------------------------------------------------------------------
-
-
-def list_photos(folder: str | Path, *, allow_empty: bool = False) -> list[Path]:
-    """The photo files in ``folder``, sorted by name; ValueError if there are none or a file is no photo.
-
-    Hidden files (``.DS_Store``, partial writes) and subfolders are skipped.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    for path in files:
-        if path.suffix.lower() not in PHOTO_SUFFIXES:
-            raise ValueError(
-                f"{path} is not a photo: the image folder should hold only {'/'.join(PHOTO_SUFFIXES)}"
-            )
-    if not files and not allow_empty:
-        raise ValueError(f"image folder {folder} holds no photos ({'/'.join(PHOTO_SUFFIXES)})")
-    return files
-
-
-def load_photo(path: Path, resolution: int) -> torch.Tensor:
-    """uint8 [3, H, W] RGB, EXIF-rotated, resized so that min(H, W) == ``resolution``.
-
-    ValueError naming the file if it cannot be decoded.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415
-
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")  # also decodes the whole file
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken PNGs
-        raise ValueError(f"{path} is not a readable image: {e}") from e
-    scale = resolution / min(image.size)
-    size = tuple(max(resolution, round(side * scale)) for side in image.size)
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
-
-
-def load_photos(paths: Sequence[Path], resolution: int) -> list[torch.Tensor]:
-    """:func:`load_photo` of each path (all decoded now, so a bad file fails before training starts)."""
-    return [load_photo(path, resolution) for path in paths]
-
-
-def crop(photo: torch.Tensor, resolution: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 [3, H, W] with min(H, W) >= ``resolution`` -> float32 [3, R, R] in -1..1 (R = ``resolution``).
-
-    With a generator: a uniformly random window, mirrored left-right with probability 1/2. Without: the centre
-    window, as it is.
-    """
-    _, height, width = photo.shape
-    if generator is None:
-        top, left, flip = (height - resolution) // 2, (width - resolution) // 2, False
-    else:
-        top = int(torch.randint(height - resolution + 1, (), generator=generator))
-        left = int(torch.randint(width - resolution + 1, (), generator=generator))
-        flip = bool(torch.randint(2, (), generator=generator))
-    window = photo[:, top : top + resolution, left : left + resolution]
-    if flip:
-        window = window.flip(-1)
-    return window.float() / 127.5 - 1.0
-
-
-def _generator(seed: int, stream: int, index: int) -> torch.Generator:
-    """A CPU generator for item ``index`` of one random ``stream`` of the run seeded ``seed``.
-
-    Seeded from the three numbers alone (mixed by numpy's SeedSequence), so a draw never depends on how many
-    draws came before it: what makes resuming exact.
-    """
-    state = np.random.SeedSequence([seed, stream, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def _shuffled(count: int, seed: int, stream: int, position: int) -> int:
-    """Index of the ``position``-th draw from ``count`` items: each item once per epoch, in a seeded order."""
-    epoch, offset = divmod(position, count)
-    return int(torch.randperm(count, generator=_generator(seed, stream, epoch))[offset])
-
-
-# --- class images (prior preservation) ----------------------------------------------------------------------
-
-
-def generate_class_images(
-    models: SdModels, prompt: str, folder: Path, count: int, options: TrainOptions, device: torch.device
-) -> list[Path]:
-    """Draw ``count`` images of ``prompt`` with the base model into ``folder`` as ``class-NNNN.png``.
-
-    Image n comes from its own generator seeded by (seed, n): after a crash, a rerun gives the same set.
-    Sides are ``options.resolution``; ``options.class_inference_steps`` denoising steps with the folder's own
-    scheduler and the pipeline's default guidance.
-    """
-    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    jobs = _free_class_names(folder, count)
-    # The already-loaded modules, so the base weights are not read (and held) twice.
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(models.folder),
-        local_files_only=True,
-        unet=models.unet,
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=options.mixed_precision == "fp16")
-    written: list[Path] = []
-    with tqdm(total=count, desc="class images", unit="image", file=sys.stderr) as bar, autocast:
-        for start in range(0, count, CLASS_IMAGES_PER_CALL):
-            chunk = jobs[start : start + CLASS_IMAGES_PER_CALL]
-            images = pipe(
-                [prompt] * len(chunk),
-                height=options.resolution,
-                width=options.resolution,
-                num_inference_steps=options.class_inference_steps,
-                generator=[_generator(options.seed, _CLASS_IMAGE_STREAM, n) for n, _ in chunk],
-            ).images
-            for (_, path), image in zip(chunk, images, strict=True):
-                partial = path.with_name(f".{path.name}.partial")  # hidden: list_photos skips it
-                image.save(partial, format="PNG")
-                os.replace(partial, path)
-                written.append(path)
-            bar.update(len(chunk))
-    return written
-
-
-def _free_class_names(folder: Path, count: int) -> list[tuple[int, Path]]:
-    """``count`` (n, folder/class-NNNN.png) pairs not yet taken in ``folder``, lowest n first."""
-    folder.mkdir(parents=True, exist_ok=True)
-    taken = {p.name for p in folder.iterdir()}
-    jobs: list[tuple[int, Path]] = []
-    n = 0
-    while len(jobs) < count:
-        if (name := f"class-{n:04d}.png") not in taken:
-            jobs.append((n, folder / name))
-        n += 1
-    return jobs
-
-
-def prepare_class_images(
-    models: SdModels, output: Path, options: TrainOptions, device: torch.device
-) -> list[torch.Tensor]:
-    """The first ``num_class_images`` class images (the missing ones generated), as :func:`load_photo` loads.
-
-    The folder is ``options.class_images``, or ``output/class-images``.
-    """
-    folder = Path(options.class_images) if options.class_images is not None else output / "class-images"
-    folder.mkdir(parents=True, exist_ok=True)
-    missing = options.num_class_images - len(list_photos(folder, allow_empty=True))
-    if missing > 0:
-        progress(f"generating {missing} class images of {options.class_prompt!r} into {folder}")
-        generate_class_images(models, options.class_prompt or "", folder, missing, options, device)
-    return load_photos(list_photos(folder)[: options.num_class_images], options.resolution)
-
-
 # --- the trainer --------------------------------------------------------------------------------------------
 
 
@@ -345,9 +190,9 @@ class LoraTrainer:
     """A base SD 1.x model with LoRA factors added, their AdamW optimizer, and one training step.
 
     ``photos`` and ``class_photos`` are uint8 [3, H, W] RGB tensors with min(H, W) >= ``options.resolution``
-    (see :func:`load_photo`). The LoRA factors are drawn from seed ``options.seed`` (peft's "gaussian" init:
-    A normal with std 1/r, B = 0, so training starts from the base model exactly); the caller's global RNG is
-    left as it was.
+    (see :func:`~isekai.export.train_photos.load_photo`). The LoRA factors are drawn from seed
+    ``options.seed`` (peft's "gaussian" init: A normal with std 1/r, B = 0, so training starts from the base
+    model exactly); the caller's global RNG is left as it was.
     """
 
     def __init__(
@@ -358,28 +203,19 @@ class LoraTrainer:
         photos: Sequence[torch.Tensor],
         class_photos: Sequence[torch.Tensor] = (),
     ):
-        from diffusers import DDPMScheduler  # noqa: PLC0415
-
         if not photos:
             raise ValueError("training needs at least one photo")
         if options.prior_preservation and not class_photos:
             raise ValueError("prior preservation needs class images, but none were given")
         if models.unet is None or models.vae is None:
             raise ValueError(f"{models.folder} was loaded text-only: training needs its UNet and VAE")
-        self.models, self.prompt, self.options = models, prompt, options
+        self.prompt, self.options = prompt, options
         self.photos = list(photos)
         self.class_photos = list(class_photos) if options.prior_preservation else []
         self.device = resolve_device(options)
         self.fp16 = options.mixed_precision == "fp16"
-        # The scheduler's config only (betas, prediction type): training needs add_noise and get_velocity.
-        self.noise_scheduler = DDPMScheduler.from_pretrained(
-            str(models.folder), subfolder="scheduler", local_files_only=True
-        )
+        self.noise_scheduler = _noise_scheduler(models.folder)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
-                f"{models.folder}: prediction_type {self.prediction_type!r} is not epsilon or v_prediction"
-            )
 
         self.unet, self.vae, self.text_encoder = models.unet, models.vae, models.text_encoder
         for module in (self.unet, self.vae, self.text_encoder):
@@ -424,9 +260,9 @@ class LoraTrainer:
     def draw_batch(self, step: int) -> Batch:
         """The batch of step ``step`` (0-based): a function of (seed, step) alone."""
         options, rows = self.options, []
-        generator = _generator(options.seed, _STEP_STREAM, step)
+        generator = seeded_generator(options.seed, STEP_STREAM, step)
         window = generator if options.augment else None
-        for stream, pool in ((_PHOTO_ORDER_STREAM, self.photos), (_CLASS_ORDER_STREAM, self.class_photos)):
+        for stream, pool in ((PHOTO_ORDER_STREAM, self.photos), (CLASS_ORDER_STREAM, self.class_photos)):
             for i in range(options.batch_size if pool else 0):
                 index = _shuffled(len(pool), options.seed, stream, step * options.batch_size + i)
                 rows.append(crop(pool[index], options.resolution, window))
@@ -548,8 +384,7 @@ class LoraTrainer:
         from peft import set_peft_model_state_dict  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415
 
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        _check_same_run(folder, state["options"], run_identity(self.prompt, self.options))
+        state = _read_state(folder, self.prompt, self.options)
         saved = load_file(str(folder / "lora.safetensors"))
         expected = self.lora_state()
         wrong = sorted(
@@ -565,8 +400,8 @@ class LoraTrainer:
             prefix = f"{name}."
             part = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
             set_peft_model_state_dict(module, part)
-        load = dict(map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", **load))
+        optimizer = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(optimizer)
         rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if self.device.type == "cuda" and "cuda" in rng:
@@ -574,6 +409,26 @@ class LoraTrainer:
         if self.fp16 and (folder / "scaler.pt").is_file():
             self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
         return int(state["step"])
+
+
+def _noise_scheduler(folder: Path) -> Any:
+    """The DDPM scheduler of ``folder/scheduler``; ValueError unless it predicts epsilon or v.
+
+    Its config only is used (betas, prediction type): training needs ``add_noise`` and ``get_velocity``.
+    """
+    from diffusers import DDPMScheduler  # noqa: PLC0415
+
+    scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{folder}: prediction_type {prediction_type!r} is not epsilon or v_prediction")
+    return scheduler
+
+
+def _shuffled(count: int, seed: int, stream: int, position: int) -> int:
+    """Index of the ``position``-th draw from ``count`` items: each item once per epoch, in a seeded order."""
+    epoch, offset = divmod(position, count)
+    return int(torch.randperm(count, generator=seeded_generator(seed, stream, epoch))[offset])
 
 
 def _add_lora(module: torch.nn.Module, targets: Sequence[str], rank: int) -> None:
@@ -599,10 +454,13 @@ def run_identity(prompt: str, options: TrainOptions) -> dict[str, Any]:
     return identity
 
 
-def _check_same_run(folder: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None:
+def _read_state(folder: Path, prompt: str, options: TrainOptions) -> dict[str, Any]:
+    """Checkpoint ``folder``'s ``state.json``; ValueError if its :func:`run_identity` is not this run's."""
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    saved = state["options"]
     differ = [
         f"{key}={saved.get(key)!r} there, {value!r} here"
-        for key, value in identity.items()
+        for key, value in run_identity(prompt, options).items()
         if saved.get(key) != value
     ]
     if differ:
@@ -610,6 +468,7 @@ def _check_same_run(folder: Path, saved: dict[str, Any], identity: dict[str, Any
             f"cannot resume from {folder}: it was trained with other options ({'; '.join(differ)}). "
             "Resume with the same options, or train into another output folder"
         )
+    return state
 
 
 def checkpoints(output: Path) -> list[tuple[int, Path]]:
@@ -637,8 +496,7 @@ def _starting_checkpoint(output: Path, resume: bool, prompt: str, options: Train
         progress(f"{output} holds no checkpoint: starting from step 0")
         return None
     step, folder = found[-1]
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    _check_same_run(folder, state["options"], run_identity(prompt, options))
+    _read_state(folder, prompt, options)
     if step > options.steps:
         raise ValueError(f"cannot resume from {folder}: it is past steps={options.steps}; ask for >= {step}")
     return folder
@@ -679,9 +537,7 @@ def train_dreambooth_lora(
         # 2. the base model, from disk
         models = load_sd(base)
         # 3. class images (prior preservation), drawn before LoRA is added: by the base model itself
-        class_photos = (
-            prepare_class_images(models, output, options, device) if options.prior_preservation else []
-        )
+        class_photos = _class_photos(models, output, options, device) if options.prior_preservation else []
         # 4. LoRA factors and their optimizer, restored from the checkpoint when resuming
         trainer = LoraTrainer(models, prompt, options, photos, class_photos)
         start = trainer.load_checkpoint(checkpoint) if checkpoint is not None else 0
@@ -693,6 +549,24 @@ def train_dreambooth_lora(
         path = trainer.save_lora(output)
     progress(f"LoRA (rank {options.rank}, {len(trainer.lora_parameters)} tensors) written to {path}")
     return path
+
+
+def _class_photos(
+    models: SdModels, output: Path, options: TrainOptions, device: torch.device
+) -> list[torch.Tensor]:
+    """The class images the options ask for, from ``options.class_images`` or ``output/class-images``."""
+    folder = Path(options.class_images) if options.class_images is not None else output / "class-images"
+    return prepare_class_images(
+        models,
+        options.class_prompt or "",
+        folder,
+        options.num_class_images,
+        options.resolution,
+        seed=options.seed,
+        inference_steps=options.class_inference_steps,
+        fp16=options.mixed_precision == "fp16",
+        device=device,
+    )
 
 
 def _train_steps(trainer: LoraTrainer, start: int, output: Path) -> None:

@@ -63,16 +63,30 @@ def main(args: argparse.Namespace) -> int:
         before = model_stats(stats_client)
         print(f"[3/4] isekai run {photo.name} --click {DEMO_CLICK[0]:.0f},{DEMO_CLICK[1]:.0f} "
               f"--steps {args.steps} --seed {args.seed}", flush=True)
+        client = IsekaiClient(server.grpc_url)
         t2 = time.perf_counter()
-        out = IsekaiClient(server.grpc_url).swap(photo.read_bytes(), [DEMO_CLICK], steps=args.steps, seed=args.seed)
+        out = client.swap(photo.read_bytes(), [DEMO_CLICK], steps=args.steps, seed=args.seed)
         elapsed = time.perf_counter() - t2
         delta = stats_delta(before, model_stats(stats_client))
+        others = {}
+        for character in client.characters():
+            print(f"      character {character.name!r} ({character.kind}{', default' if character.default else ''}):"
+                  f" {character.prompt}")
+            if not character.default and character.drawable:
+                # The same base UNet draws it, with the character's LoRA adapter applied for this request.
+                t3 = time.perf_counter()
+                others[character.name] = client.swap(photo.read_bytes(), [DEMO_CLICK], character=character.name,
+                                                     steps=args.steps, seed=args.seed)
+                print(f"      ... swapped as {character.name!r} in {time.perf_counter() - t3:.2f}s", flush=True)
         print("[4/4] stopping the server", flush=True)
     outputs = {
         "result": work / "astronaut.result.png",
         "mask": work / "astronaut.mask.png",
         "background": work / "astronaut.background.png",
     }
+    for name, swap in others.items():
+        outputs[f"as {name}"] = work / f"astronaut.{name}.result.png"
+        outputs[f"as {name}"].write_bytes(swap.result)
     outputs["result"].write_bytes(out.result)
     outputs["mask"].write_bytes(out.mask)
     outputs["background"].write_bytes(out.background)
@@ -82,8 +96,8 @@ def main(args: argparse.Namespace) -> int:
     print("where the time went (Triton's own statistics; BLS callers include their callees):")
     print(format_stage_table(delta, STAGES))
     print("\nwrote:")
-    print(f"  input       {photo}")
+    print(f"  {'input':<15} {photo}")
     for name, path in outputs.items():
-        print(f"  {name:<11} {path}")
+        print(f"  {name:<15} {path}")
     print(f"demo done in {time.perf_counter() - t0:.0f}s")
     return 0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isekai.ensemble.characters import CharacterStore
+from isekai.ensemble.characters import CharacterStore, parse_key, plan_path
 
 log = logging.getLogger("isekai")
 
@@ -70,11 +70,16 @@ class CharacterWeights:
         open_session: Callable[[Path], Any],
         adapter_budget: int,
         graph_budget: int,
+        plans: bool = False,
     ) -> None:
+        """``open_session(path)`` opens a graph the way the base was opened; with ``plans`` (the tensorrt
+        runtime) every character with weights of its own runs its TensorRT plan (``<character>/<model>.plan``, an
+        adapter fused in or its own graph), opened by ``open_session`` too and counted against the graph budget."""
         self.store = store
         self.model = model
         self.base = Loaded(base_session, None, 0, "base")
         self.open_session = open_session
+        self.plans = plans
         self.budgets = {"adapter": int(adapter_budget), "graph": int(graph_budget)}
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._lock = threading.Lock()
@@ -104,6 +109,10 @@ class CharacterWeights:
         if weights is None:
             return self.base  # a character without weights of its own for this model (cached: no re-read per step)
         form, path = weights
+        if self.plans:
+            plan = plan_path(self.store.directory / parse_key(key)[0], self.model)
+            log.info("%s: loading the TensorRT plan of %s", self.model, key)
+            return Loaded(self.open_session(plan), None, _file_bytes(plan), "graph")
         size = _file_bytes(path)
         if form == "adapter":
             adapter = ort.LoraAdapter()

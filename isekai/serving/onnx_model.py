@@ -2,7 +2,8 @@
 
 Any machine without a GPU or a container can serve the exported graphs this way; the ``gpu`` profile serves the very
 same files with onnxruntime's CUDA provider (``parameters { key: "execution_provider" ... }``) or Triton's own
-onnxruntime/tensorrt backends. Each ``model_repository/<model>/1/model.py`` of an ONNX model is this class and
+onnxruntime/tensorrt backends, and the ``tensorrt`` profile's unet and text_encoder run TensorRT plans here
+(``runtime: tensorrt``, :mod:`isekai.serving.trt_session`). Each ``model_repository/<model>/1/model.py`` of an ONNX model is this class and
 nothing else.
 
 With ``max_batch_size > 0`` and dynamic batching, Triton hands ``execute`` several requests at once; the Python
@@ -35,6 +36,10 @@ from isekai.serving.ort_options import providers, session_options
 
 log = logging.getLogger("isekai")
 
+# How a model's graph runs: onnxruntime on model.onnx (CPU, or CUDA with execution_provider), or the TensorRT plan
+# beside it (the tensorrt profile's models that pick a character's plan per request).
+RUNTIMES = ("onnxruntime", "tensorrt")
+
 
 class TritonPythonModel:
     """Serve ``<model>/1/model.onnx`` with onnxruntime (CPU, or the provider the config names)."""
@@ -45,10 +50,15 @@ class TritonPythonModel:
         self.params = triton.parameters(self.config)
         self.batched = self.config.get("max_batch_size", 0) > 0
         self.device_id = int(args.get("model_instance_device_id", "0") or 0)
-        path = Path(args["model_repository"]) / args["model_version"] / C.ONNX_FILENAME
+        self.runtime = self.params.get("runtime", "onnxruntime")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"{self.name}: parameter runtime should be one of {RUNTIMES} but is {self.runtime!r}")
+        filename = C.PLAN_FILENAME if self.runtime == "tensorrt" else C.ONNX_FILENAME
+        path = Path(args["model_repository"]) / args["model_version"] / filename
         if not path.exists():
+            how = "isekai export tensorrt" if self.runtime == "tensorrt" else "isekai export ..."
             raise FileNotFoundError(
-                f"{self.name}: {path} does not exist; export it first (isekai export ... --repository "
+                f"{self.name}: {path} does not exist; make it first ({how} --repository "
                 f"{Path(args['model_repository']).parent})"
             )
         self.session = self._open(path)
@@ -64,9 +74,14 @@ class TritonPythonModel:
                 CharacterStore(Path(args["model_repository"]).parent), self.name, self.session, self._open,
                 adapter_budget=int(self.params.get("character_adapter_bytes", C.CHARACTER_ADAPTER_BYTES)),
                 graph_budget=int(self.params.get("character_graph_bytes", C.CHARACTER_GRAPH_BYTES)),
+                plans=self.runtime == "tensorrt",
             )
 
     def _open(self, path: Path):
+        if self.runtime == "tensorrt":
+            from isekai.serving.trt_session import TrtSession  # noqa: PLC0415 - GPU images only
+
+            return TrtSession(path, self.device_id)
         import onnxruntime as ort  # noqa: PLC0415
 
         return ort.InferenceSession(str(path), session_options(self.params),

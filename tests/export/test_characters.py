@@ -308,3 +308,30 @@ def test_every_flag_has_help():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, p in sub.choices.items():
         assert all(action.help for action in p._actions if action.dest != "help"), name
+
+
+# --- fused plans (the tensorrt profile): the graph transform, checked on the CPU -------------------------------
+@pytest.mark.parametrize("model", [C.UNET_MODEL, C.TEXT_ENCODER_MODEL])
+def test_an_adapter_fused_into_the_base_graph_runs_what_the_adapter_runs(base, repository, tmp_path, model):
+    """What `isekai export tensorrt` builds a LoRA character's plan from: the base graph with the adapter fused into
+    its weights and the slots removed, against the slotted graph with the adapter as inputs."""
+    import onnx
+
+    from isekai.export.lora_slots import fuse_adapter
+
+    path, _, _ = lora_file(base, tmp_path, "kohya", alpha=2.0)
+    folder = characters.add_lora_character(repository, "hero", path, "a photo of sks girl")
+    params = adapters.read_adapter(folder / f"{model}{chars.ADAPTER_SUFFIX}")
+    source = repository / model / C.MODEL_VERSION / C.ONNX_FILENAME
+    for name, adapter in (("fused", params), ("plain", None)):
+        onnx.save(fuse_adapter(onnx.load(str(source)), adapter), str(tmp_path / f"{name}.onnx"))
+    slotted, fused, plain = (ort_session(p) for p in (source, tmp_path / "fused.onnx", tmp_path / "plain.onnx"))
+    assert not [i for i in onnx.load(str(tmp_path / "fused.onnx")).graph.input if i.name.endswith(".lora_A")]
+    if model == C.UNET_MODEL:
+        feeds = {C.UNET_IN_SAMPLE: random_like((2, 4, 8, 16)).numpy(), C.UNET_IN_TIMESTEP: np.array([9.0, 900.0],
+                 np.float32), C.UNET_IN_HIDDEN: random_like((2, 77, 32), seed=1).numpy()}
+    else:
+        feeds = {C.TEXT_IN_IDS: np.arange(2 * 77, dtype=np.int32).reshape(2, 77) % 300}
+    want = slotted.run(None, {**feeds, **params})[0]
+    np.testing.assert_allclose(fused.run(None, feeds)[0], want, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(plain.run(None, feeds)[0], slotted.run(None, feeds)[0], atol=1e-5, rtol=1e-4)

@@ -189,3 +189,37 @@ def test_fp16_plan_of_a_tiny_graph_matches_pytorch(tmp_path):
         got = _run_plan(plan, x).numpy()
         # fp16 keeps ~3 significant digits; values here are of order 1.
         np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs the tensorrt package (NGC Triton container)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_character_plans_run_what_onnxruntime_runs(demo_repository, tmp_path):
+    """The tensorrt profile's characters: a LoRA character's plan (its adapter fused in) through TrtSession, the
+    host the tensorrt profile's unet runs, against the base graph with the adapter on onnxruntime."""
+    import shutil
+
+    from isekai.ensemble import characters as chars
+    from isekai.export.adapters import read_adapter
+    from isekai.export.characters import Base, add_lora_character
+    from isekai.export.common import ort_session, random_like
+    from isekai.export.make_lora import random_factors, write_lora
+    from isekai.serving.trt_session import TrtSession
+
+    repository = tmp_path / "repository"
+    for model in (C.DIFFUSION_MODEL, C.TEXT_ENCODER_MODEL, C.UNET_MODEL):
+        shutil.copytree(demo_repository / model, repository / model)
+    base = Base.load(repository)
+    lora = write_lora(tmp_path / "lora.safetensors", random_factors(base.slots[C.UNET_MODEL], 4, seed=1),
+                      layout="kohya")
+    folder = add_lora_character(repository, "hero", lora, "a photo of sks girl")
+    assert _run_cli("--repository", str(repository), "--models", C.UNET_MODEL, "--fp32") == 0
+    plan = chars.plan_path(folder, C.UNET_MODEL)
+    assert plan.is_file() and (repository / C.UNET_MODEL / C.MODEL_VERSION / C.PLAN_FILENAME).is_file()
+    feeds = {C.UNET_IN_SAMPLE: random_like((2, 4, 16, 16)).numpy(),
+             C.UNET_IN_TIMESTEP: np.array([500.0, 500.0], np.float32),
+             C.UNET_IN_HIDDEN: random_like((2, 77, 32), seed=1).numpy()}
+    params = read_adapter(folder / f"{C.UNET_MODEL}{chars.ADAPTER_SUFFIX}")
+    want = ort_session(repository / C.UNET_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME).run(None, {**feeds, **params})
+    got = TrtSession(plan).run([C.UNET_OUT_SAMPLE], feeds)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-3, rtol=1e-3)

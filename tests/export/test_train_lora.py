@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from isekai.export import train_lora as tl
+from isekai.export import train_photos as tp
 from isekai.export.make_sd import make_sd_folder
 from isekai.export.sd import load_sd
 
@@ -121,19 +122,19 @@ def test_load_photo_applies_exif_rotation_and_sizes_the_short_side(tmp_path):
     (tmp_path / "rotated.jpg").write_bytes(buffer.getvalue())
     Image.fromarray(pixels).convert("L").save(tmp_path / "gray.png")
 
-    rotated = tl.load_photo(tmp_path / "rotated.jpg", 64)
+    rotated = tp.load_photo(tmp_path / "rotated.jpg", 64)
     assert rotated.dtype == torch.uint8 and rotated.shape == (3, 128, 64)  # portrait after rotation
     assert rotated[0, :56].float().mean() > 200 and rotated[0, -56:].float().mean() < 50  # red on top
-    assert tl.load_photo(tmp_path / "gray.png", 64).shape == (3, 64, 128)  # gray becomes RGB
+    assert tp.load_photo(tmp_path / "gray.png", 64).shape == (3, 64, 128)  # gray becomes RGB
 
 
 def test_crop_is_centred_without_a_generator_and_seeded_with_one():
     photo = torch.arange(3 * 70 * 90, dtype=torch.int64).reshape(3, 70, 90).remainder(256).to(torch.uint8)
-    centre = tl.crop(photo, 64)
+    centre = tp.crop(photo, 64)
     assert centre.shape == (3, 64, 64) and centre.dtype == torch.float32
     torch.testing.assert_close(centre, photo[:, 3:67, 13:77].float() / 127.5 - 1.0)
-    first = tl.crop(photo, 64, torch.Generator().manual_seed(5))
-    again = tl.crop(photo, 64, torch.Generator().manual_seed(5))
+    first = tp.crop(photo, 64, torch.Generator().manual_seed(5))
+    again = tp.crop(photo, 64, torch.Generator().manual_seed(5))
     torch.testing.assert_close(first, again)
     assert first.min() >= -1.0 and first.max() <= 1.0
 
@@ -143,7 +144,7 @@ def test_crop_is_centred_without_a_generator_and_seeded_with_one():
 
 def test_loss_falls_on_a_fixed_batch(tiny_sd, photos):
     options = tl.TrainOptions(resolution=SIDE, learning_rate=1e-3, augment=False, device="cpu")
-    trainer = tl.LoraTrainer(load_sd(tiny_sd), PROMPT, options, tl.load_photos(tl.list_photos(photos), SIDE))
+    trainer = tl.LoraTrainer(load_sd(tiny_sd), PROMPT, options, tp.load_photos(tp.list_photos(photos), SIDE))
     batch = trainer.draw_batch(0)  # fixed photo, noise and timestep; no crop or flip
     assert batch.pixels.shape == (1, 3, SIDE, SIDE) and batch.noise.shape == (1, 4, SIDE // 8, SIDE // 8)
     losses = [trainer.step(batch).total for _ in range(8)]
@@ -153,7 +154,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_sd, photos):
 
 def test_steps_draw_seeded_batches(tiny_sd, photos):
     options = tl.TrainOptions(resolution=SIDE, batch_size=2, device="cpu")
-    trainer = tl.LoraTrainer(load_sd(tiny_sd), PROMPT, options, tl.load_photos(tl.list_photos(photos), SIDE))
+    trainer = tl.LoraTrainer(load_sd(tiny_sd), PROMPT, options, tp.load_photos(tp.list_photos(photos), SIDE))
     a, again, b = trainer.draw_batch(3), trainer.draw_batch(3), trainer.draw_batch(4)
     for name in ("pixels", "noise", "timesteps"):
         torch.testing.assert_close(getattr(a, name), getattr(again, name))
@@ -258,7 +259,7 @@ def test_prior_preservation_generates_class_images_once(tiny_sd, photos, tmp_pat
         class_inference_steps=2,
     )
     tl.train_dreambooth_lora(tiny_sd, photos, PROMPT, tmp_path / "first", options)
-    made = tl.list_photos(class_images)
+    made = tp.list_photos(class_images)
     assert [p.name for p in made] == ["class-0000.png", "class-0001.png", "class-0002.png"]
     for p in made:
         with Image.open(p) as image:
@@ -266,7 +267,7 @@ def test_prior_preservation_generates_class_images_once(tiny_sd, photos, tmp_pat
 
     stamps = [p.stat().st_mtime_ns for p in made]
     path = tl.train_dreambooth_lora(tiny_sd, photos, PROMPT, tmp_path / "second", options)
-    assert [p.stat().st_mtime_ns for p in tl.list_photos(class_images)] == stamps  # reused, not redrawn
+    assert [p.stat().st_mtime_ns for p in tp.list_photos(class_images)] == stamps  # reused, not redrawn
     assert path.is_file()
 
     # Each step's batch: the photo rows, then as many class-image rows; both losses are reported.
@@ -274,8 +275,8 @@ def test_prior_preservation_generates_class_images_once(tiny_sd, photos, tmp_pat
         load_sd(tiny_sd),
         PROMPT,
         options,
-        tl.load_photos(tl.list_photos(photos), SIDE),
-        tl.load_photos(made, SIDE),
+        tp.load_photos(tp.list_photos(photos), SIDE),
+        tp.load_photos(made, SIDE),
     )
     batch = trainer.draw_batch(0)
     assert batch.pixels.shape[0] == 2 * options.batch_size

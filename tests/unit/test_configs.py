@@ -83,7 +83,14 @@ def test_profiles_serve_the_same_tensors(model, profile):
     assert other.name == default.name and other.max_batch_size == default.max_batch_size
     assert io(other.input) == io(default.input) and io(other.output) == io(default.output)
     assert other.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-    assert other.platform in ("onnxruntime_onnx", "tensorrt_plan")
+    params = {k: v.string_value for k, v in other.parameters.items()}
+    if model in CHARACTER_MODELS:  # per-request character weights: only a Python model can pick them
+        assert other.backend == "python"
+        want = {"gpu": ("execution_provider", "cuda"), "tensorrt": ("runtime", "tensorrt")}[profile]
+        assert params.get(want[0]) == want[1]
+        assert (REPOSITORY / model / C.MODEL_VERSION / "model.py").is_file()
+    else:
+        assert other.platform in ("onnxruntime_onnx", "tensorrt_plan")
 
 
 ONNX_TYPES = {1: "FP32", 6: "INT32", 7: "INT64", 10: "FP16", 9: "BOOL"}

@@ -51,3 +51,13 @@ def test_cache_bounds_quoted_where_the_cache_is_described():
 def test_stub_watchdog_timings_quoted():
     assert f"every {C.SUPERVISOR_INTERVAL_S:g} s" in README
     assert f"once it has lasted {C.STUB_DEATH_CONFIRM_S:g} s (`STUB_DEATH_CONFIRM_S`)" in README
+
+
+def test_character_weight_budgets_quoted_where_characters_are_described():
+    assert f"`character_adapter_bytes` ({C.CHARACTER_ADAPTER_BYTES // 2**30} GiB)" in README
+    assert f"`character_graph_bytes` ({C.CHARACTER_GRAPH_BYTES // 2**30} GiB)" in README
+    for model in (C.UNET_MODEL, C.TEXT_ENCODER_MODEL):
+        for config in (ROOT / "model_repository" / model).rglob("*.pbtxt"):
+            text = config.read_text()
+            assert f'"character_adapter_bytes" value: {{ string_value: "{C.CHARACTER_ADAPTER_BYTES}" }}' in text
+            assert f'"character_graph_bytes" value: {{ string_value: "{C.CHARACTER_GRAPH_BYTES}" }}' in text
