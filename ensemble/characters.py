@@ -69,10 +69,11 @@ WEIGHT_FORMS = ("adapter", "graph")
 KEY_SEPARATOR = "@"
 
 
+_NAME = re.compile(C.CHARACTER_NAME_PATTERN)
+
+
 class CharacterChanged(RuntimeError):
     """A character was removed or registered again while a request that uses it ran (not the caller's fault)."""
-
-_NAME = re.compile(C.CHARACTER_NAME_PATTERN)
 
 
 def data_dir(repository: str | Path) -> Path:
@@ -342,6 +343,16 @@ class CharacterStore:
         self.repository = Path(repository_dir)
         self.directory = characters_dir(self.repository)
         self._cache: dict[str, tuple[tuple[int, int, int], Character, str]] = {}
+        self._tokenizer: tuple[tuple, Tokenizer] | None = None
+
+    def tokenizer(self) -> Tokenizer:
+        """The repository's tokenizer, read again whenever its files change (a re-export replaces them)."""
+        data = data_dir(self.repository)
+        files = [data / TOKENIZER_DIR / name for name in TOKENIZER_FILES] + [data / PIPELINE_FILE]
+        stamp = tuple((f.stat().st_ino, f.stat().st_mtime_ns) if f.is_file() else None for f in files)
+        if self._tokenizer is None or self._tokenizer[0] != stamp:
+            self._tokenizer = (stamp, Tokenizer.from_repository(self.repository))
+        return self._tokenizer[1]
 
     @property
     def config(self) -> PipelineConfig:

@@ -225,3 +225,17 @@ def test_tokenizer_from_repository_and_missing_files(repository, tokenizer_dir):
     for name in chars.TOKENIZER_FILES:
         (target / name).write_bytes((tokenizer_dir / name).read_bytes())
     assert chars.Tokenizer.from_repository(repository)("a girl").shape == (1, 77)
+
+
+def test_the_stores_tokenizer_is_read_again_when_its_files_change(repository, tokenizer_dir):
+    target = repository / C.DIFFUSION_MODEL / chars.TOKENIZER_DIR
+    target.mkdir(parents=True)
+    for name in chars.TOKENIZER_FILES:
+        (target / name).write_bytes((tokenizer_dir / name).read_bytes())
+    store = chars.CharacterStore(repository)
+    first = store.tokenizer()
+    assert store.tokenizer() is first  # unchanged files: the same object
+    vocab = json.loads((target / "vocab.json").read_text())
+    vocab["zzzz</w>"] = len(vocab)
+    chars.atomic_write(target / "vocab.json", json.dumps(vocab).encode())
+    assert store.tokenizer() is not first

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from isekai import constants as C
-from isekai.ensemble.characters import CharacterStore, Tokenizer, text_embeddings
+from isekai.ensemble.characters import CharacterStore, text_embeddings
 from isekai.ensemble.diffusion import DiffusionOptions, img2img
 from isekai.serving import triton
 
@@ -64,8 +64,7 @@ class TritonPythonModel:
             return [triton.tensor("character_crop", crop)]  # nobody to redraw; compose returns the photo
         character = self.characters.get(triton.optional_text(request, "character"))
         prompt = triton.optional_text(request, "prompt")
-        # Read per request: a re-exported tokenizer is seen without a reload, like the characters.
-        tokenizer = Tokenizer.from_repository(self.repository) if prompt else None
+        tokenizer = self.characters.tokenizer() if prompt else None  # re-read when its files change
         embeddings = text_embeddings(character, prompt, tokenizer, partial(_text_encode, character.key))
         options = DiffusionOptions(
             steps=int(triton.optional_scalar(request, "steps")),
