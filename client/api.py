@@ -26,6 +26,7 @@ STEPS = "steps"  # INT32 [1]
 GUIDANCE = "guidance"  # FP32 [1]
 SEED = "seed"  # INT64 [1]
 FORMAT = "format"  # BYTES [1] png | jpeg | webp
+UPSCALE = "upscale"  # INT32 [1] 1 (off) | 2 | 4: the result's size over the photo's (Real-ESRGAN)
 
 # --- inputs (isekai_segment only) -----------------------------------------------------------------------------
 MASK_INPUT = "mask_input"  # FP32 [1,1,256,256] optional: the previous answer's low_res_mask
@@ -45,8 +46,9 @@ CHARACTERS = "characters"  # BYTES [1] (characters) JSON list: name, kind, promp
 # The API's optional inputs (documented defaults); the others are required. The configs declare every input
 # optional so that a missing required one reaches preprocess, which refuses it naming the input (Triton 2.51
 # only counts inputs, and an ensemble missing a required one failed with "unexpected deadlock").
-SWAP_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT)
-SWAP_OPTIONAL = (BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT)
+SWAP_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT,
+               UPSCALE)
+SWAP_OPTIONAL = (BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT, UPSCALE)
 SWAP_OUTPUTS = (RESULT, MASK, BACKGROUND, SCORE)
 SEGMENT_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT)
 SEGMENT_OPTIONAL = (BOX, MASK_INPUT)
@@ -68,6 +70,7 @@ DTYPES = {
     GUIDANCE: "FP32",
     SEED: "INT64",
     FORMAT: "BYTES",
+    UPSCALE: "INT32",
     MASK_INPUT: "FP32",
     RESULT: "BYTES",
     MASK: "BYTES",
@@ -90,6 +93,7 @@ DIMS = {
     GUIDANCE: [1],
     SEED: [1],
     FORMAT: [1],
+    UPSCALE: [1],
     MASK_INPUT: [1, 1, C.SAM_LOW_RES_SIZE, C.SAM_LOW_RES_SIZE],
     RESULT: [1],
     MASK: [1],

@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, help=f"how far to redraw the person, (0, 1] (default {C.DEFAULT_STRENGTH})")
     parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default {C.DEFAULT_GUIDANCE})")
     parser.add_argument(
+        "--upscale", type=int, choices=C.UPSCALE_FACTORS,
+        help=f"make the result this many times the photo's size with the server's Real-ESRGAN "
+        f"(default {C.DEFAULT_UPSCALE}: off); mask and background keep the photo's size",
+    )
+    parser.add_argument(
         "--format", choices=C.OUTPUT_FORMATS,
         help="encoding of result and background (default: from --output's suffix, else png)",
     )
@@ -45,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
             image, args.click, args.negative, args.box, mask_input=read_low_res(args.low_res_in),
             character=args.character, prompt=args.prompt,
             strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
-            format=_format_for(args.output, args.format),
+            format=_format_for(args.output, args.format), upscale=args.upscale,
         )
     except Exception as err:  # noqa: BLE001 - server and input errors become one line
         return fail(err)

@@ -154,8 +154,12 @@ class IsekaiClient:
         guidance: float | None = None,
         seed: int | None = None,
         format: str | None = None,  # noqa: A002 - the API's own name
+        upscale: int | None = None,
     ) -> SwapResult:
         """The whole swap; options left as None take the server's documented defaults.
+
+        ``upscale`` (2 or 4; 1 = off) makes ``result`` that many times the photo's width and height (Real-ESRGAN on
+        the server); ``mask`` and ``background`` keep the photo's size.
 
         ``mask_input`` is what :meth:`segment` takes: with the same clicks and ``mask_input`` as a segment call, the
         swap uses exactly the mask that call returned (:meth:`SegmentSession.swap` does this for a session).
@@ -171,6 +175,7 @@ class IsekaiClient:
             (api.GUIDANCE, guidance, np.float32),
             (api.SEED, seed, np.int64),
             (api.FORMAT, format, np.object_),
+            (api.UPSCALE, upscale, np.int32),
         ):
             if value is not None:
                 inputs[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=dtype)

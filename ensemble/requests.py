@@ -8,7 +8,8 @@ inputs as Triton hands them to a Python model (numpy arrays: BYTES as object arr
 error for that request alone. Cheap checks run first, so a bad option costs no image decode.
 
 Whether a character exists is the character store's question, not this module's: here a name only has to be
-well formed (:data:`isekai.constants.CHARACTER_NAME_PATTERN`).
+well formed (:data:`isekai.constants.CHARACTER_NAME_PATTERN`). Likewise whether the repository has an ``upscale``
+graph (:func:`isekai.ensemble.finish.require_upscale_graph`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from isekai import constants as C
 from isekai.ensemble.cache import image_key
 from isekai.ensemble.images import decode_image, normalize_format
+from isekai.ensemble.upscale import check_upscale_size
 
 _NUMERIC_KINDS = "iuf"
 
@@ -53,6 +55,7 @@ class SwapOptions:
     guidance: float
     seed: int
     format: str
+    upscale: int = C.DEFAULT_UPSCALE  # the result's size over the photo's: 1 (off), 2 or 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,13 +91,15 @@ def validate_swap(
     guidance: Any = None,
     seed: Any = None,
     format: Any = None,  # noqa: A002 - the public input's name
+    upscale: Any = None,
 ) -> SwapRequest:
     """Validate an ``isekai`` request (see :mod:`isekai.client.api` for the tensors); None means "not sent"."""
     options = validate_options(character=character, prompt=prompt, strength=strength, steps=steps,
-                               guidance=guidance, seed=seed, format=format)
+                               guidance=guidance, seed=seed, format=format, upscale=upscale)
     clicks = click_arrays(points, labels, box)
     data = image_bytes(image)
     rgb = decode_image(data)
+    check_result_size(options, rgb.shape[:2])
     return SwapRequest(rgb, image_key(data), check_inside(clicks, rgb.shape[:2]), options)
 
 
@@ -178,6 +183,7 @@ def validate_options(
     guidance: Any = None,
     seed: Any = None,
     format: Any = None,  # noqa: A002 - the public input's name
+    upscale: Any = None,
 ) -> SwapOptions:
     """The ``isekai`` model's optional inputs; None (or an empty tensor) takes the default from constants."""
     name = _text("character", character) or ""  # "": the repository's default character (the store knows it)
@@ -204,8 +210,27 @@ def validate_options(
     if not 0 <= seed_v <= C.MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63 - 1] but is {seed_v}")
     fmt = _text("format", format)
+    upscale_v = _integer("upscale", upscale, C.DEFAULT_UPSCALE)
+    if upscale_v not in C.UPSCALE_FACTORS:
+        allowed = ", ".join(str(f) for f in C.UPSCALE_FACTORS)
+        raise ValueError(f"upscale must be one of {allowed} ({C.DEFAULT_UPSCALE} = off) but is {upscale_v}")
     return SwapOptions(name, text, strength_v, steps_v, guidance_v, seed_v,
-                       C.DEFAULT_FORMAT if fmt is None else normalize_format(fmt))
+                       C.DEFAULT_FORMAT if fmt is None else normalize_format(fmt), upscale_v)
+
+
+def check_result_size(options: SwapOptions, image_size: tuple[int, int]) -> None:
+    """The ``result`` of an ``(H, W)`` photo at ``options.upscale`` within ``MAX_UPSCALED_PIXELS`` and within what
+    ``options.format`` can encode (``ENCODER_MAX_SIDE``); ValueError naming ``upscale``, the factor and the size
+    otherwise. Needs the decoded size, so it runs after the decode (still before any model)."""
+    height, width, factor = int(image_size[0]), int(image_size[1]), options.upscale
+    if factor != C.DEFAULT_UPSCALE:
+        check_upscale_size(height, width, factor)
+    max_side = C.ENCODER_MAX_SIDE.get(options.format)
+    if max_side is not None and factor * max(height, width) > max_side:
+        raise ValueError(
+            f"upscale x{factor} of a {height}x{width} (HxW) image would be {factor * height}x{factor * width}, and "
+            f"format {options.format} holds at most {max_side} pixels a side; use png or a smaller upscale"
+        )
 
 
 def validate_mask_input(mask_input: Any) -> np.ndarray | None:

@@ -1,8 +1,9 @@
 """Small checkpoints in the real on-disk formats, exported into a model repository (tests and the demo).
 
 ``isekai export demo --repository DIR`` makes random-weight checkpoints exactly as users bring them — a SAM ``.pth``
-from segment-anything's builder, a big-lama style ``best.ckpt`` + ``config.yaml``, a diffusers SD 1.x folder — and
-runs the same exporters on them. Re-running skips checkpoints and graphs that already exist.
+from segment-anything's builder, a big-lama style ``best.ckpt`` + ``config.yaml``, a diffusers SD 1.x folder, a
+Real-ESRGAN ``.pth`` (``{"params_ema": ...}`` of a tiny x4 RRDBNet) — and runs the same exporters on them.
+Re-running skips checkpoints and graphs that already exist.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ DEMO_CHARACTER_PROMPT = "anime girl, cel shading, clean line art, vivid colors"
 # A second character, drawn by the same base UNet through a LoRA adapter (a random kohya-layout LoRA).
 DEMO_LORA_CHARACTER = "lora-demo"
 DEMO_LORA_PROMPT = "a photo of sks girl, anime style"
+# The upscale graph: a tiny x4 RRDBNet (every part of RealESRGAN_x4plus, fewer and narrower), in the official format.
+DEMO_ESRGAN_VARIANT = "tiny"
+DEMO_ESRGAN_CHECKPOINT = "RealESRGAN_tiny.pth"
 
 
 def copy_configs(destination: Path, source: Path = SOURCE_REPOSITORY) -> None:
@@ -58,7 +62,9 @@ def _add_demo_lora(repository: Path, path: Path) -> None:
 
 def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = False) -> Path:
     """Make the small checkpoints under ``checkpoints`` and export them into ``repository`` (configs included)."""
-    from isekai.export.lama import export_lama  # noqa: PLC0415 - torch-heavy, only when asked
+    from isekai.export.esrgan import export_esrgan  # noqa: PLC0415 - torch-heavy, only when asked
+    from isekai.export.lama import export_lama  # noqa: PLC0415
+    from isekai.export.make_esrgan import make_esrgan_checkpoint  # noqa: PLC0415
     from isekai.export.make_lama import make_lama_checkpoint  # noqa: PLC0415
     from isekai.export.make_sam import make_sam_checkpoint  # noqa: PLC0415
     from isekai.export.make_sd import make_sd_folder  # noqa: PLC0415
@@ -93,6 +99,13 @@ def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = 
         export_sd(sd_dir, repository=repository, character=C.DEFAULT_CHARACTER, prompt=DEMO_CHARACTER_PROMPT)
     if force or DEMO_LORA_CHARACTER not in CharacterStore(repository).names():
         _add_demo_lora(repository, checkpoints / "lora-demo.safetensors")
+
+    esrgan_ckpt = checkpoints / DEMO_ESRGAN_CHECKPOINT
+    if force or not esrgan_ckpt.exists():
+        progress(f"making a tiny Real-ESRGAN checkpoint {esrgan_ckpt}")
+        make_esrgan_checkpoint(esrgan_ckpt, variant=DEMO_ESRGAN_VARIANT)
+    if force or _missing(repository, C.UPSCALE_MODEL):
+        export_esrgan(esrgan_ckpt, repository=repository)
     progress(f"demo repository ready in {repository} ({time.perf_counter() - started:.0f}s)")
     return repository
 

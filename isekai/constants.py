@@ -176,6 +176,9 @@ PYTHON_STUB_NAME = "triton_python_backend_stub"
 IMAGE_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 JPEG_QUALITY = 92
 WEBP_QUALITY = 90
+# Longest side each encoder can write (libjpeg's JPEG_MAX_DIMENSION, libwebp's WEBP_MAX_DIMENSION); PNG has no such
+# limit. An upscaled result can pass them: the request is refused before any model runs.
+ENCODER_MAX_SIDE = {"jpeg": 65500, "webp": 16383}
 # A cleaned mask covering less than this fraction of the image means "no person found" (not an error).
 PERSON_MIN_AREA_FRACTION = 0.001
 # Islands smaller than this fraction of the mask's area are dropped unless a positive click is near them.
@@ -237,7 +240,14 @@ LAMA_MIN_SIDE = 2 * LAMA_MODULO
 # ---------------------------------------------------------------------------------------------------------
 # Real-ESRGAN (export/esrgan.py, ensemble/upscale.py).
 # ---------------------------------------------------------------------------------------------------------
-UPSCALE_MODEL = "upscale"  # not in ONNX_MODELS until its config.pbtxt exists (serving is separate work)
+UPSCALE_MODEL = "upscale"  # optional: see OPTIONAL_ONNX_MODELS
+# The isekai ensemble's last step: the optional upscale of the scene (BLS calls to UPSCALE_MODEL), then encoding.
+FINISH_MODEL = "finish"
+# Exported graphs a repository may lack: their model loads anyway (isekai.serving.optional_onnx_model) and answers
+# UNAVAILABLE until the graph is exported, so repositories made before them, or by users without the checkpoint,
+# still start (a model failing to load makes tritonserver exit). Not in ONNX_MODELS: served by a Python adapter in
+# every profile, so no TensorRT plan is built for them.
+OPTIONAL_ONNX_MODELS = (UPSCALE_MODEL,)
 # upscale: image f32 [1,3,H,W] RGB in 0..1 -> upscaled f32 [1,3,sH,sW] (s = the checkpoint's scale; unclamped)
 ESRGAN_IN_IMAGE = "image"
 ESRGAN_OUT_UPSCALED = "upscaled"
@@ -247,3 +257,9 @@ UPSCALE_TILE = 512
 UPSCALE_TILE_PAD = 10
 # Largest upscaled image (pixels): a 4096x4096 photo at x2; x4 of anything above 2048x2048 is refused.
 MAX_UPSCALED_PIXELS = 8192 * 8192
+# The isekai model's optional ``upscale`` input: the result's size over the photo's (1 = no upscale).
+DEFAULT_UPSCALE = 1
+UPSCALE_FACTORS = (1, 2, 4)
+# Side of the image the finish step sends the exported graph once per request to learn its scale (output side /
+# this): a multiple of every RRDBNet's unshuffle factor (1, 2, 4), and costs nothing to run.
+UPSCALE_PROBE_SIDE = 4

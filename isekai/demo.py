@@ -20,7 +20,7 @@ DEMO_CLICK = (200.0, 300.0)
 STAGES = [
     C.ENSEMBLE_MODEL, C.PREPROCESS_MODEL, C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL, C.PREPARE_MODEL,
     C.LAMA_MODEL, C.DIFFUSION_MODEL, C.TEXT_ENCODER_MODEL, C.VAE_ENCODER_MODEL, C.UNET_MODEL,
-    C.VAE_DECODER_MODEL, C.COMPOSE_MODEL,
+    C.VAE_DECODER_MODEL, C.COMPOSE_MODEL, C.FINISH_MODEL, C.UPSCALE_MODEL,
 ]
 
 
@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where everything the demo makes goes")
     parser.add_argument("--steps", type=int, default=C.DEFAULT_STEPS, help="denoising steps")
     parser.add_argument("--seed", type=int, default=7, help="noise seed")
+    parser.add_argument(
+        "--upscale", type=int, choices=C.UPSCALE_FACTORS, default=C.DEFAULT_UPSCALE,
+        help="make the result this many times the photo's size with the demo's (tiny, random) Real-ESRGAN",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -61,11 +65,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"      ready in {time.perf_counter() - t1:.1f}s: gRPC {server.grpc_url}, metrics {server.metrics_url}")
         stats_client = grpcclient.InferenceServerClient(server.grpc_url)
         before = model_stats(stats_client)
+        upscale = f" --upscale {args.upscale}" if args.upscale != C.DEFAULT_UPSCALE else ""
         print(f"[3/4] isekai run {photo.name} --click {DEMO_CLICK[0]:.0f},{DEMO_CLICK[1]:.0f} "
-              f"--steps {args.steps} --seed {args.seed}", flush=True)
+              f"--steps {args.steps} --seed {args.seed}{upscale}", flush=True)
         client = IsekaiClient(server.grpc_url)
         t2 = time.perf_counter()
-        out = client.swap(photo.read_bytes(), [DEMO_CLICK], steps=args.steps, seed=args.seed)
+        out = client.swap(photo.read_bytes(), [DEMO_CLICK], steps=args.steps, seed=args.seed, upscale=args.upscale)
         elapsed = time.perf_counter() - t2
         delta = stats_delta(before, model_stats(stats_client))
         others = {}
@@ -76,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
                 # The same base UNet draws it, with the character's LoRA adapter applied for this request.
                 t3 = time.perf_counter()
                 others[character.name] = client.swap(photo.read_bytes(), [DEMO_CLICK], character=character.name,
-                                                     steps=args.steps, seed=args.seed)
+                                                     steps=args.steps, seed=args.seed, upscale=args.upscale)
                 print(f"      ... swapped as {character.name!r} in {time.perf_counter() - t3:.2f}s", flush=True)
         print("[4/4] stopping the server", flush=True)
     outputs = {

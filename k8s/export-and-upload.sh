@@ -17,6 +17,7 @@
 #   LAMA_CHECKPOINT   big-lama models/best.ckpt      LAMA_CONFIG  big-lama config.yaml
 #   SD_MODEL          diffusers Stable Diffusion 1.x folder (your DreamBooth fine-tune)
 #   CHARACTER, PROMPT optional: register the fine-tune's character under this name with this prompt
+#   ESRGAN_CHECKPOINT optional: a Real-ESRGAN .pth (RealESRGAN_x4plus_anime_6B.pth, ...) for `upscale` 2 and 4
 #   REPOSITORY        where the repository is assembled (default build/model_repository); exports that
 #                     exist there already are skipped by the exporters
 # --demo exports small random-weight checkpoints instead (a smoke test of the cluster, not a model);
@@ -26,7 +27,7 @@
 # pod's own GPU: no engine is exported here (an engine only runs on the GPU model it was built on).
 set -euo pipefail
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 mode=export
 case "${1:-}" in
@@ -66,6 +67,9 @@ copy_configs(Path(sys.argv[1]))' "$repo"
             character=(--character "$CHARACTER" --prompt "${PROMPT:?PROMPT is required with CHARACTER}")
         fi
         "$isekai" export sd --model "$SD_MODEL" --repository "$repo" "${character[@]}"
+        if [ -n "${ESRGAN_CHECKPOINT:-}" ]; then
+            "$isekai" export esrgan --checkpoint "$ESRGAN_CHECKPOINT" --repository "$repo"
+        fi
         ;;
 esac
 [ -d "$repo" ] || { say "no model repository at $repo"; exit 2; }

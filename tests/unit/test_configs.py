@@ -138,3 +138,51 @@ def test_config_matches_exported_onnx_graph(model, demo_repository):
                 # A fixed graph dim must match the config, except -1 in the config: widths such as the text
                 # encoder's hidden size (768 for SD 1.x, 1024 for SD 2.x) depend on the user's checkpoint.
                 assert w == -1 or g in (w, -1), f"{model}.{name}: config dims {gd}, graph {wd}"
+
+
+# -- optional graphs (upscale): a Python adapter in every profile, so a repository without the graph still starts ---
+@pytest.mark.parametrize("model", C.OPTIONAL_ONNX_MODELS)
+@pytest.mark.parametrize("profile", ["gpu", "tensorrt"])
+def test_optional_graphs_serve_the_same_tensors_in_every_profile(model, profile):
+    default = configs()[model]
+    other = parse(REPOSITORY / model / "configs" / f"{profile}.pbtxt")
+    assert other.name == default.name and other.max_batch_size == default.max_batch_size
+    assert io(other.input) == io(default.input) and io(other.output) == io(default.output)
+    assert default.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert other.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    # Triton's onnxruntime backend fails to load without model.onnx, and a failed load stops the server.
+    assert default.backend == other.backend == "python" and not other.platform
+    assert {k: v.string_value for k, v in other.parameters.items()}.get("execution_provider") == "cuda"
+    adapter = (REPOSITORY / model / C.MODEL_VERSION / "model.py").read_text()
+    assert "from isekai.serving.optional_onnx_model import TritonPythonModel" in adapter
+    assert model not in C.ONNX_MODELS, "no TensorRT plan is built for an optional graph"
+
+
+@pytest.mark.parametrize("model", C.OPTIONAL_ONNX_MODELS)
+def test_optional_graph_config_matches_exported_onnx_graph(model, demo_repository):
+    """The demo exports every optional graph too: names, dtypes and dims of the config against it."""
+    import onnx
+
+    graph = onnx.load(str(demo_repository / model / C.MODEL_VERSION / C.ONNX_FILENAME), load_external_data=False).graph
+    config = configs()[model]
+    assert config.max_batch_size == 0
+
+    def onnx_io(values) -> dict[str, tuple[str, list[int]]]:
+        return {v.name: (ONNX_TYPES[v.type.tensor_type.elem_type],
+                         [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim])
+                for v in values}
+
+    def config_io(tensors) -> dict[str, tuple[str, list[int]]]:
+        return {t.name: (TYPE_NAMES[t.data_type], list(t.dims)) for t in tensors}
+
+    assert config_io(config.input) == onnx_io(graph.input)
+    assert config_io(config.output) == onnx_io(graph.output)
+
+
+def test_upscale_graph_tensor_names_are_the_constants():
+    config = configs()[C.UPSCALE_MODEL]
+    assert [t.name for t in config.input] == [C.ESRGAN_IN_IMAGE]
+    assert [t.name for t in config.output] == [C.ESRGAN_OUT_UPSCALED]
+    finish = configs()[C.FINISH_MODEL]
+    assert {t.name for t in finish.input} == {"scene", api.UPSCALE, api.FORMAT}
+    assert [t.name for t in finish.output] == [api.RESULT]

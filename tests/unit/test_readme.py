@@ -20,7 +20,7 @@ def table_row(first_cell: str) -> str:
 
 @pytest.mark.parametrize(("name", "default"), [
     ("strength", C.DEFAULT_STRENGTH), ("steps", C.DEFAULT_STEPS), ("guidance", C.DEFAULT_GUIDANCE),
-    ("seed", C.DEFAULT_SEED), ("format", C.DEFAULT_FORMAT),
+    ("seed", C.DEFAULT_SEED), ("format", C.DEFAULT_FORMAT), ("upscale", C.DEFAULT_UPSCALE),
 ])
 def test_api_table_quotes_the_defaults(name, default):
     cells = [c.strip() for c in table_row(f"`{name}`").split("|")]
@@ -61,3 +61,15 @@ def test_character_weight_budgets_quoted_where_characters_are_described():
             text = config.read_text()
             assert f'"character_adapter_bytes" value: {{ string_value: "{C.CHARACTER_ADAPTER_BYTES}" }}' in text
             assert f'"character_graph_bytes" value: {{ string_value: "{C.CHARACTER_GRAPH_BYTES}" }}' in text
+
+
+def test_super_resolution_quotes_the_factors_tiles_and_limits():
+    side = int(C.MAX_UPSCALED_PIXELS**0.5)
+    row = table_row("upscale")
+    assert ", ".join(map(str, C.UPSCALE_FACTORS[:-1])) + f" or {C.UPSCALE_FACTORS[-1]}" in row
+    assert f"at most {side} x {side} pixels" in row
+    assert f"{C.ENCODER_MAX_SIDE['webp']} pixels a side in webp, {C.ENCODER_MAX_SIDE['jpeg']} in jpeg" in row
+    section = README.split("### Super-resolution", 1)[1].split("\n## ", 1)[0]
+    assert f"tiles of {C.UPSCALE_TILE} pixels with {C.UPSCALE_TILE_PAD} of context" in section
+    assert f"at most {side} x {side} pixels (`MAX_UPSCALED_PIXELS`" in section
+    assert "isekai export esrgan --checkpoint" in section

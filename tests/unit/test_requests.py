@@ -12,6 +12,7 @@ from isekai import constants as C
 from isekai.ensemble.cache import image_key
 from isekai.ensemble.requests import (
     SwapOptions,
+    check_result_size,
     validate_clicks,
     validate_options,
     validate_segment,
@@ -163,3 +164,68 @@ def test_limits_at_the_edges_are_accepted(png):
     req = validate_swap(png, np.array([[0, 0], [W, H]]), np.array([1, 0]), np.array([0, 0, W, H]))
     assert req.clicks.points.shape == (2, 2)
     assert validate_options(prompt="   ").prompt is None  # blank prompt: the character's own
+
+
+# -- upscale -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [None, np.zeros(0, np.int32), 1, np.array([1], np.int32)])
+def test_upscale_defaults_to_off(value):
+    assert validate_options(upscale=value).upscale == C.DEFAULT_UPSCALE == 1
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_upscale_factors(png, factor):
+    assert validate_options(upscale=np.array([factor], np.int32)).upscale == factor
+    assert validate_swap(png, *_click(), upscale=factor).options.upscale == factor
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    (3, r"upscale must be one of 1, 2, 4 \(1 = off\) but is 3"),
+    (0, "upscale must be one of .* but is 0"),
+    (-1, "upscale must be one of .* but is -1"),
+    (8, "upscale must be one of .* but is 8"),
+    (2.5, "upscale must be an integer but is 2.5"),
+    ("2", "upscale must be an integer"),
+    (np.array([2, 4], np.int32), r"upscale must be a single value but has shape \(2,\)"),
+])
+def test_upscale_refusals(png, value, match):
+    with pytest.raises(ValueError, match=match):
+        validate_options(upscale=value)
+    with pytest.raises(ValueError, match=match):
+        validate_swap(b"not an image", *_click(), upscale=value)  # before the decode
+
+
+def test_upscaled_size_limit_names_upscale_the_factor_and_the_size():
+    side = int(C.MAX_UPSCALED_PIXELS**0.5)
+    check_result_size(validate_options(upscale=4), (side // 4, side // 4))  # exactly the limit
+    check_result_size(validate_options(upscale=2), (side // 2, side // 2))
+    check_result_size(validate_options(), (side, side + 1))  # no upscale: the photo limits apply, not this one
+    with pytest.raises(ValueError, match=rf"upscale: x4 of a {side // 4}x{side // 4 + 1} \(HxW\) image would be "
+                                         rf"{side}x{side + 4} = {side * (side + 4)} pixels, more than the limit"):
+        check_result_size(validate_options(upscale=4), (side // 4, side // 4 + 1))
+
+
+def test_upscaled_size_limit_in_validate_swap():
+    """A photo within the photo limits whose x4 result is not: refused after the decode, naming upscale."""
+    side = int(C.MAX_UPSCALED_PIXELS**0.5) // 4
+    buf = io.BytesIO()
+    Image.new("RGB", (side + 1, side)).save(buf, "PNG")
+    with pytest.raises(ValueError, match=rf"upscale: x4 of a {side}x{side + 1} \(HxW\) image"):
+        validate_swap(buf.getvalue(), *_click(), upscale=4)
+    assert validate_swap(buf.getvalue(), *_click(), upscale=2).options.upscale == 2
+
+
+@pytest.mark.parametrize(("fmt", "factor", "width", "refused"), [
+    ("webp", 4, 4096, True),  # 16384 > 16383
+    ("webp", 2, 4096, False),
+    ("webp", 1, 16384, True),  # a thin photo, no upscale: webp still cannot hold it
+    ("jpeg", 4, 16384, True),  # 65536 > 65500
+    ("png", 4, 16384, False),
+])
+def test_result_side_within_the_encoder(fmt, factor, width, refused):
+    options = validate_options(format=fmt, upscale=factor)
+    if not refused:
+        check_result_size(options, (16, width))
+        return
+    with pytest.raises(ValueError, match=rf"upscale x{factor} .* format {fmt} holds at most "
+                                         rf"{C.ENCODER_MAX_SIDE[fmt]} pixels a side"):
+        check_result_size(options, (16, width))

@@ -1,4 +1,7 @@
-"""compose: the character cut by its own silhouette (SAM on the generated crop) and pasted onto the background."""
+"""compose: the character cut by its own silhouette (SAM on the generated crop) and pasted onto the background.
+
+The scene leaves as uint8 [H, W, 3] RGB (``scene``) for finish to upscale and encode; the background is encoded here.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +35,7 @@ class TritonPythonModel:
         fmt = triton.optional_text(request, "format") or C.DEFAULT_FORMAT
         if not bool(triton.required_input(request, "found").reshape(-1)[0]):
             # A click on nothing: the documented outcome is the photo itself, as result and as background.
-            encoded = encode_image(rgb, fmt)
-            return [triton.bytes_tensor("result", encoded), triton.bytes_tensor("background", encoded)]
+            return [triton.tensor("scene", rgb), triton.bytes_tensor("background", encode_image(rgb, fmt))]
         character = triton.required_input(request, "character_crop")
         person_geometry = CropGeometry.from_array(triton.required_input(request, "person_geometry"))
         logits = self._silhouette_logits(character, triton.required_input(request, "character_box"))
@@ -47,5 +49,4 @@ class TritonPythonModel:
             logits,
             person_geometry,
         )
-        return [triton.bytes_tensor("result", encode_image(result, fmt)),
-                triton.bytes_tensor("background", encode_image(background, fmt))]
+        return [triton.tensor("scene", result), triton.bytes_tensor("background", encode_image(background, fmt))]
