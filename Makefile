@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo web test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,9 +22,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/isekai demo
 
+# The page on the demo's small checkpoints: the embedded Triton plus `isekai web`, printing the URL (Ctrl-C stops).
+web: setup
+	$(BIN)/isekai demo --web
+
 test: setup
 	./scripts/install-test-deps
 	$(BIN)/python -m pytest
+
+# The linter and its rules are pinned in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python -m bench

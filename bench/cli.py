@@ -42,8 +42,8 @@ PHASES = ("baseline", "onnxruntime", "served", "levers")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small test checkpoints, 1 run, 2 steps: a smoke check of every table in ~1 minute")
-    parser.add_argument("--sam", choices=("vit_h", "vit_b", "vit_l"), default="vit_h",
-                        help="SAM architecture of the full run (default vit_h)")
+    parser.add_argument("--sam", choices=("vit_h", "vit_b", "vit_l", "vit_t"), default="vit_h",
+                        help="SAM architecture of the full run (default vit_h; vit_t: MobileSAM)")
     parser.add_argument("--runs", type=int, default=None, help="timed swaps per configuration and scene "
                         "(default 3; --quick 1); end-to-end is their median")
     parser.add_argument("--steps", type=int, default=None,

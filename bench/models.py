@@ -10,7 +10,9 @@ Two profiles:
 Layout under the cache folder (default ``.cache/bench/<profile>``)::
 
     checkpoints/    sam_<type>.pth, big-lama/ (config.yaml, models/best.ckpt), sd/ (a diffusers folder)
-    graphs/<part>/  one exporter's output as a repository fragment (<model>/1/model.onnx ...), plus ``.done``
+    graphs/<part>/  one exporter's output as a repository fragment (<model>/1/model.onnx ...), plus ``.done``;
+                    SAM's is ``sam_<type>`` (TinyViT) or ``sam_<type>-rows<N>`` (a ViT, its global attention
+                    exported N query rows at a time: a graph made with another N is another part)
     repository-<sam type>/   the Triton repository: configs copied from model_repository/, graphs hard-linked
     lama-fft-onnx.onnx       the LaMa graph exported with the ONNX DFT operator (the FFT lever)
 
@@ -113,6 +115,38 @@ def _link_tree(source: Path, destination: Path) -> None:
             shutil.copy2(path, target)
 
 
+def sam_part_name(sam_type: str, rows: int = C.SAM_ATTENTION_QUERY_ROWS) -> str:
+    """The graphs folder of one SAM export (see the module docstring)."""
+    from isekai.export.make_sam import SAM_ENCODERS, SamEncoderConfig  # noqa: PLC0415 - torch-heavy
+
+    return f"sam_{sam_type}-rows{rows}" if isinstance(SAM_ENCODERS[sam_type], SamEncoderConfig) else f"sam_{sam_type}"
+
+
+def sam_graphs(root: Path, sam_type: str, rows: int = C.SAM_ATTENTION_QUERY_ROWS) -> Path:
+    """The exported SAM graphs of ``sam_type`` as a repository fragment under ``root/graphs``, made (with their
+    random-weight checkpoint ``root/checkpoints/sam_<type>.pth``) when missing."""
+    from isekai.export.make_sam import make_sam_checkpoint  # noqa: PLC0415
+    from isekai.export.sam import export_sam  # noqa: PLC0415
+
+    checkpoint = Path(root) / "checkpoints" / f"sam_{sam_type}.pth"
+    if not checkpoint.exists():
+        progress(f"making a random-weight SAM {sam_type} checkpoint {checkpoint}")
+        make_sam_checkpoint(checkpoint, model_type=sam_type)
+    return _export_part(Path(root) / "graphs" / sam_part_name(sam_type, rows),
+                        lambda d: export_sam(checkpoint, sam_type, repository=d, attention_rows=rows))
+
+
+def segment_repository(root: Path, sam_type: str) -> Path:
+    """A Triton repository for the click path alone (``isekai_segment`` and ``sam_encoder``): every config, and only
+    ``sam_type``'s SAM graphs (made when missing). Serve it with explicit model control loading those two models."""
+    from isekai.export.demo import copy_configs  # noqa: PLC0415
+
+    repo = Path(root) / f"repository-segment-{sam_type}"
+    copy_configs(repo)
+    _link_tree(sam_graphs(root, sam_type), repo)
+    return repo
+
+
 def make_checkpoints(folder: Path, sam_type: str) -> Checkpoints:
     """Make the full-size random-weight checkpoints that are missing in ``folder``."""
     from isekai.export.make_lama import make_lama_checkpoint  # noqa: PLC0415 - torch-heavy
@@ -155,12 +189,11 @@ def prepare(profile: str, sam_type: str, cache: Path = DEFAULT_CACHE, *, reposit
         raise ValueError(f"profile must be 'full' or 'quick', not {profile!r}")
 
     from isekai.export.lama import export_lama  # noqa: PLC0415
-    from isekai.export.sam import export_sam  # noqa: PLC0415
     from isekai.export.sd import export_sd  # noqa: PLC0415
 
     ckpt = make_checkpoints(root / "checkpoints", sam_type)
     graphs = root / "graphs"
-    sam_part = _export_part(graphs / f"sam_{sam_type}", lambda d: export_sam(ckpt.sam, sam_type, repository=d))
+    sam_part = sam_graphs(root, sam_type)
     lama_part = _export_part(graphs / "lama",
                              lambda d: export_lama(ckpt.lama_checkpoint, ckpt.lama_config, repository=d))
     sd_part = _export_part(graphs / "sd15", lambda d: export_sd(ckpt.sd, repository=d))

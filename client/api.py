@@ -11,6 +11,7 @@ from isekai import constants as C
 SWAP_MODEL = C.ENSEMBLE_MODEL  # the whole swap
 SEGMENT_MODEL = C.SEGMENT_MODEL  # the mask only, for the click-look-click loop
 CHARACTERS_MODEL = C.CHARACTERS_MODEL  # the registered characters (JSON), e.g. for a picker
+STREAM_MODEL = C.STREAM_MODEL  # the whole swap with progress (decoupled: gRPC streaming only); inputs as SWAP_MODEL
 
 # --- inputs (both models) ------------------------------------------------------------------------------------
 IMAGE = "image"  # BYTES [1] encoded PNG/JPEG/WebP
@@ -42,6 +43,11 @@ SCORE = "score"  # FP32 [1] the chosen mask's predicted IoU
 LOW_RES_MASK = "low_res_mask"  # FP32 [1,1,256,256] (isekai_segment) feed back as mask_input
 CHARACTERS = "characters"  # BYTES [1] (characters) JSON list: name, kind, prompt, negative_prompt, default, bytes,
 #                            revision, source, problem (why it cannot be drawn, or null)
+# isekai_stream's responses: every one carries STAGE and PROGRESS; some diffusion ones a PREVIEW; the last data
+# response (final flag) the SWAP_OUTPUTS.
+STAGE = "stage"  # BYTES [1] an isekai step's model name, "queued" before the swap starts, "done" with the outputs
+PROGRESS = "progress"  # FP32 [1] the swap's progress in 0..1, never decreasing, at least one response per UNet step
+PREVIEW = "preview"  # BYTES [1] a small PNG of the character being drawn (its latents mapped to RGB)
 
 # The API's optional inputs (documented defaults); the others are required. The configs declare every input
 # optional so that a missing required one reaches preprocess, which refuses it naming the input (Triton 2.51
@@ -56,6 +62,9 @@ SEGMENT_OUTPUTS = (MASK, SCORE, LOW_RES_MASK)
 CHARACTERS_INPUTS = (NAME,)
 CHARACTERS_OPTIONAL = (NAME,)
 CHARACTERS_OUTPUTS = (CHARACTERS,)
+STREAM_INPUTS = SWAP_INPUTS  # exactly isekai's: a unit test holds the two configs equal
+STREAM_OPTIONAL = SWAP_OPTIONAL
+STREAM_OUTPUTS = (STAGE, PROGRESS, PREVIEW, *SWAP_OUTPUTS)
 
 # Triton data type of every public tensor.
 DTYPES = {
@@ -79,6 +88,9 @@ DTYPES = {
     LOW_RES_MASK: "FP32",
     NAME: "BYTES",
     CHARACTERS: "BYTES",
+    STAGE: "BYTES",
+    PROGRESS: "FP32",
+    PREVIEW: "BYTES",
 }
 # Dims as in the configs (max_batch_size 0: one image per request).
 DIMS = {
@@ -102,4 +114,7 @@ DIMS = {
     LOW_RES_MASK: [1, 1, C.SAM_LOW_RES_SIZE, C.SAM_LOW_RES_SIZE],
     NAME: [1],
     CHARACTERS: [1],
+    STAGE: [1],
+    PROGRESS: [1],
+    PREVIEW: [1],
 }

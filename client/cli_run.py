@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from isekai import constants as C
 from isekai.client.cli_common import add_prompt_arguments, fail, read_low_res, read_photo
@@ -30,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", choices=C.OUTPUT_FORMATS,
         help="encoding of result and background (default: from --output's suffix, else png)",
     )
+    parser.add_argument(
+        "--no-progress", action="store_true",
+        help="call the plain isekai model (one unary gRPC call) instead of isekai_stream's progress bar",
+    )
 
 
 def _format_for(path: Path, explicit: str | None) -> str:
@@ -39,6 +45,49 @@ def _format_for(path: Path, explicit: str | None) -> str:
     return {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("jpg", "jpeg", "png", "webp") else C.DEFAULT_FORMAT
 
 
+class ProgressBar:
+    """``[#########-----------]  45% diffusion`` on one terminal line (a line per stage when not a terminal)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = stream.isatty()
+        self.stage = ""
+
+    def update(self, stage: str, fraction: float) -> None:
+        filled = int(round(self.WIDTH * min(max(fraction, 0.0), 1.0)))
+        line = f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {fraction * 100:3.0f}% {stage}"
+        if self.tty:
+            self.stream.write(f"\r{line:<{self.WIDTH + 30}}")
+        elif stage != self.stage:
+            self.stream.write(line + "\n")
+        self.stage = stage
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.stage:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def swap_with_progress(client, image: bytes, bar: ProgressBar, *args, **options):
+    """``client.swap_stream`` drawn on ``bar``; returns the SwapResult. Ctrl-C cancels the swap on the server."""
+    from isekai.client.client import SwapProgress  # noqa: PLC0415
+
+    with client.swap_stream(image, *args, **options) as stream:
+        try:
+            for event in stream:
+                if isinstance(event, SwapProgress):
+                    bar.update(event.stage, event.progress)
+                else:
+                    bar.update(C.STREAM_STAGE_DONE, 1.0)
+                    return event
+        finally:
+            bar.close()
+    raise RuntimeError(f"{C.STREAM_MODEL} ended without a result")
+
+
 def main(args: argparse.Namespace) -> int:
     from isekai.client.client import IsekaiClient  # noqa: PLC0415
 
@@ -46,12 +95,19 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         client = IsekaiClient(args.url, timeout_s=args.timeout)
-        out = client.swap(
-            image, args.click, args.negative, args.box, mask_input=read_low_res(args.low_res_in),
-            character=args.character, prompt=args.prompt,
+        prompt = (args.click, args.negative, args.box)
+        options = dict(
+            mask_input=read_low_res(args.low_res_in), character=args.character, prompt=args.prompt,
             strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
             format=_format_for(args.output, args.format), upscale=args.upscale,
         )
+        if args.no_progress:
+            out = client.swap(image, *prompt, **options)
+        else:
+            out = swap_with_progress(client, image, ProgressBar(), *prompt, **options)
+    except KeyboardInterrupt:
+        print("isekai: cancelled")
+        return 130
     except Exception as err:  # noqa: BLE001 - server and input errors become one line
         return fail(err)
     args.output.write_bytes(out.result)

@@ -7,7 +7,10 @@
         pipeline.json           format (2), scaling_factor (the VAE's config value), scheduler_config (the model
                                 folder's scheduler/scheduler_config.json, verbatim), text_hidden_size D, token_length
                                 (77), default_character, fingerprints (per component), base_fingerprint,
-                                unet_config (the base UNet's architecture), lora_targets
+                                unet_config (the base UNet's architecture), lora_targets, scheduler (the
+                                diffusers class the loop runs: DPMSolverMultistepScheduler, or LCMScheduler after
+                                --lcm-lora), fused_lora (a LoRA fused into the base UNet's weights, or absent)
+        fused_lora/             that LoRA as it was given (full fine-tunes registered later get it fused too)
         tokenizer/              the model folder's CLIP tokenizer files, for prompt overrides
         characters/<NAME>/
             character.json      name, kind, prompt, negative_prompt, revision, base_fingerprint, weights, source
@@ -54,6 +57,7 @@ from isekai import constants as C
 PIPELINE_FILE = "pipeline.json"
 TOKENIZER_DIR = "tokenizer"
 CHARACTERS_DIR = "characters"
+FUSED_LORA_DIR = "fused_lora"
 CHARACTER_FILE = "character.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -159,6 +163,17 @@ class PipelineConfig:
     base_fingerprint: str = ""  # the base as characters depend on it: tokenizer, text encoder and UNet
     unet_config: Mapping[str, Any] = field(default_factory=dict)  # the base UNet's config.json (architecture)
     lora_targets: str = ""  # which UNet layers have LoRA slots (constants.LORA_TARGET_FAMILIES)
+    # The diffusers scheduler class the loop builds from scheduler_config; steps and guidance default to its
+    # constants.SCHEDULER_DEFAULTS. Repositories exported before LCM support have none: DPM-Solver++.
+    scheduler: str = C.DEFAULT_SCHEDULER
+    # A LoRA fused into the exported UNet's base weights (the LCM-LoRA): {"file": its copy under fused_lora/,
+    # "sha256", "layout", "layers", "purpose"}; empty when none. Its sha256 is part of base_fingerprint.
+    fused_lora: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sampling_defaults(self) -> tuple[int, float]:
+        """(steps, guidance) a request that leaves them out gets: the exported scheduler's."""
+        return C.SCHEDULER_DEFAULTS.get(self.scheduler, C.SCHEDULER_DEFAULTS[C.DEFAULT_SCHEDULER])
 
     @classmethod
     def load(cls, repository: str | Path) -> PipelineConfig:
@@ -183,6 +198,8 @@ class PipelineConfig:
             base_fingerprint=str(raw.get("base_fingerprint", "")),
             unet_config=dict(raw.get("unet_config") or {}),
             lora_targets=str(raw.get("lora_targets", "")),
+            scheduler=str(raw.get("scheduler") or C.DEFAULT_SCHEDULER),
+            fused_lora=dict(raw.get("fused_lora") or {}),
         )
 
     def save(self, repository: str | Path) -> Path:
@@ -197,6 +214,8 @@ class PipelineConfig:
             "base_fingerprint": self.base_fingerprint,
             "unet_config": dict(self.unet_config),
             "lora_targets": self.lora_targets,
+            "scheduler": self.scheduler,
+            "fused_lora": dict(self.fused_lora),
         }
         path = data_dir(repository) / PIPELINE_FILE
         atomic_write(path, json.dumps(raw, indent=2).encode("utf-8"))

@@ -10,22 +10,28 @@ The model callables, all float32 and NCHW:
 
 - ``vae_encode(sample [B,3,H,W] in -1..1) -> latent_mean [B,4,H/8,W/8]`` (unscaled mean of the latent
   distribution);
-- ``unet(sample [2,4,h,w], timestep [2] float32, encoder_hidden_states [2,77,D]) -> noise [2,4,h,w]``;
+- ``unet(sample [B,4,h,w], timestep [B] float32, encoder_hidden_states [B,77,D]) -> noise [B,4,h,w]``: B is 2
+  (negative, prompt: classifier-free guidance) when guidance > 1, else 1 (the prompt alone, as diffusers does);
 - ``vae_decode(latent_sample [B,4,h,w], divided by the scaling factor) -> sample [B,3,8h,8w] in ~-1..1``.
+
+The scheduler is diffusers' own class, named by the exported pipeline (``pipeline.json``: DPM-Solver++ multistep, or
+``LCMScheduler`` for an LCM-LoRA export); a request's ``steps`` and ``guidance`` default to that scheduler's
+(:data:`isekai.constants.SCHEDULER_DEFAULTS`).
 
 torch is used only for the scheduler arithmetic and the seeded noise (diffusers' schedulers work on tensors).
 """
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
 from isekai import constants as C
 
@@ -33,6 +39,17 @@ VaeEncode = Callable[[np.ndarray], np.ndarray]
 UNet = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 VaeDecode = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, int], None]
+StepLatents = Callable[[int, int, np.ndarray], None]
+
+# The schedulers an exported pipeline may name (pipeline.json "scheduler"): diffusers' classes, never restated here.
+SCHEDULERS: dict[str, type] = {C.DPM_SCHEDULER: DPMSolverMultistepScheduler, C.LCM_SCHEDULER: LCMScheduler}
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class ``name`` (one of :data:`SCHEDULERS`), or ValueError naming the allowed ones."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler should be one of {sorted(SCHEDULERS)} but is {name!r}")
+    return SCHEDULERS[name]
 
 
 @dataclass(frozen=True)
@@ -40,26 +57,38 @@ class DiffusionOptions:
     """A request's sampling options; defaults and limits come from :mod:`isekai.constants`.
 
     ``strength`` is how much of the noise schedule is re-run over the input (1.0 ignores the input's content):
-    ``int(steps * strength)`` denoising steps run, as in diffusers' img2img.
+    ``int(steps * strength)`` denoising steps run, as in diffusers' img2img. ``steps`` and ``guidance`` left at
+    None take the scheduler's defaults (:meth:`resolved`; img2img resolves them with the scheduler it runs).
     """
 
-    steps: int = C.DEFAULT_STEPS
+    steps: int | None = None
     strength: float = C.DEFAULT_STRENGTH
-    guidance: float = C.DEFAULT_GUIDANCE
+    guidance: float | None = None
     seed: int = C.DEFAULT_SEED
 
+    def resolved(self, scheduler: str) -> DiffusionOptions:
+        """These options with unset ``steps``/``guidance`` taken from ``scheduler``'s defaults (a class name;
+        schedulers without their own defaults get DPM-Solver++'s)."""
+        steps, guidance = C.SCHEDULER_DEFAULTS.get(scheduler, C.SCHEDULER_DEFAULTS[C.DEFAULT_SCHEDULER])
+        return replace(self, steps=steps if self.steps is None else self.steps,
+                       guidance=guidance if self.guidance is None else self.guidance)
+
     def check(self) -> None:
-        """Raise ValueError naming the first option that is out of range, its value and the allowed range."""
-        if not isinstance(self.steps, numbers.Integral) or not 1 <= self.steps <= C.MAX_STEPS:
+        """Raise ValueError naming the first option that is out of range, its value and the allowed range.
+
+        Unset ``steps``/``guidance`` (None) pass: they become the scheduler's defaults, which are in range."""
+        if self.steps is not None and (not isinstance(self.steps, numbers.Integral)
+                                       or not 1 <= self.steps <= C.MAX_STEPS):
             raise ValueError(f"steps should be an integer in [1, {C.MAX_STEPS}] but is {self.steps}")
         if not isinstance(self.strength, numbers.Real) or not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength should be in (0.0, 1.0] but is {self.strength}")
         lo, hi = C.MIN_GUIDANCE, C.MAX_GUIDANCE
-        if not isinstance(self.guidance, numbers.Real) or not lo <= self.guidance <= hi:
+        if self.guidance is not None and (not isinstance(self.guidance, numbers.Real)
+                                          or not lo <= self.guidance <= hi):
             raise ValueError(f"guidance should be in [{lo}, {hi}] but is {self.guidance}")
         if not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed <= C.MAX_SEED:
             raise ValueError(f"seed should be an integer in [0, {C.MAX_SEED}] but is {self.seed}")
-        if self.denoising_steps() < 1:
+        if self.steps is not None and self.denoising_steps() < 1:
             raise ValueError(
                 f"steps * strength should be at least 1 but is {self.steps} * {self.strength}: "
                 f"no denoising step would run"
@@ -68,8 +97,10 @@ class DiffusionOptions:
     def denoising_steps(self) -> int:
         """How many steps of a ``steps``-step schedule run: its last ``int(steps * strength)``.
 
-        That is the number of UNet calls for first-order schedulers (DPM-Solver++, DDIM, Euler); PNDM adds one
-        warm-up call and second-order ones (Heun) call twice per step."""
+        That is the number of UNet calls for first-order schedulers (DPM-Solver++, LCM, DDIM, Euler); PNDM adds one
+        warm-up call and second-order ones (Heun) call twice per step. Needs ``steps`` set (see :meth:`resolved`)."""
+        if self.steps is None:
+            raise ValueError("steps is unset: resolve the options with the scheduler's defaults first")
         return min(int(self.steps * self.strength), int(self.steps))
 
 
@@ -129,35 +160,49 @@ def _retrieve_timesteps(scheduler: Any, options: DiffusionOptions) -> torch.Tens
 
 
 def _prepare_latents(
-    image: np.ndarray, scheduler: Any, timesteps: torch.Tensor, seed: int, vae_encode: VaeEncode,
+    image: np.ndarray, scheduler: Any, timesteps: torch.Tensor, generator: torch.Generator, vae_encode: VaeEncode,
     scaling_factor: float,
 ) -> torch.Tensor:
-    """Step 3: the image's latent mean, scaled, with seeded noise added at the first kept timestep."""
+    """Step 3: the image's latent mean, scaled, with noise from ``generator`` added at the first kept timestep."""
     h, w = image.shape[:2]
     # diffusers' VaeImageProcessor: /255 to 0..1, then 2x-1 to -1..1.
     sample = (image.astype(np.float32) / 255.0 * 2.0 - 1.0).transpose(2, 0, 1)[None]
     latent_shape = (1, C.SD_LATENT_CHANNELS, h // C.SD_VAE_FACTOR, w // C.SD_VAE_FACTOR)
     init = _checked("vae_encoder", vae_encode(np.ascontiguousarray(sample)), latent_shape) * scaling_factor
-    generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
     return scheduler.add_noise(init, noise, timesteps[:1])
 
 
+def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    """The seeded generator for schedulers whose step draws noise (LCM between steps), as diffusers' pipelines
+    pass it (``prepare_extra_step_kwargs``): one generator for the initial noise and every step's."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
 def _denoise(
     latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, embeddings: np.ndarray, guidance: float,
-    unet: UNet, progress: Progress | None,
+    unet: UNet, progress: Progress | None, generator: torch.Generator, step_latents: StepLatents | None = None,
 ) -> torch.Tensor:
-    """Step 4: one UNet call per step on [negative, prompt] (classifier-free guidance), then a scheduler
-    step."""
-    hidden = np.ascontiguousarray(embeddings, dtype=np.float32)
-    pair_shape = (2, *latents.shape[1:])
+    """Step 4: one UNet call per step, then a scheduler step. Guidance above 1: one batch-2 call on [negative,
+    prompt] (classifier-free guidance); guidance 1: one batch-1 call on the prompt (the guided prediction is the
+    prompt's alone, so the negative's half would be computed and thrown away)."""
+    guided = guidance > 1.0
+    hidden = np.ascontiguousarray(embeddings if guided else embeddings[1:], dtype=np.float32)
+    rows = hidden.shape[0]
+    batch_shape = (rows, *latents.shape[1:])
+    step_kwargs = _step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        timestep = np.full((2,), float(t), dtype=C.UNET_TIMESTEP_DTYPE)
-        noise = _checked("unet", unet(model_input.numpy(), timestep, hidden), pair_shape)
-        uncond, cond = noise.chunk(2)
-        noise_pred = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        model_input = scheduler.scale_model_input(torch.cat([latents] * rows), t)
+        timestep = np.full((rows,), float(t), dtype=C.UNET_TIMESTEP_DTYPE)
+        noise = _checked("unet", unet(model_input.numpy(), timestep, hidden), batch_shape)
+        if guided:
+            uncond, cond = noise.chunk(2)
+            noise_pred = uncond + guidance * (cond - uncond)
+        else:
+            noise_pred = noise
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        if step_latents is not None:
+            step_latents(i + 1, len(timesteps), latents.numpy())
         if progress is not None:
             progress(i + 1, len(timesteps))
     return latents
@@ -184,32 +229,42 @@ def img2img(
     scaling_factor: float,
     scheduler_cls: type = DPMSolverMultistepScheduler,
     progress: Progress | None = None,
+    step_latents: StepLatents | None = None,
 ) -> np.ndarray:
     """Redraw ``image`` guided by ``embeddings``; the same inputs and seed give the same output.
 
     Args:
         image: uint8 [H, W, 3] RGB, H and W multiples of ``SD_SIZE_MULTIPLE`` (see :func:`sd_input_size`).
-        embeddings: float32 [2, 77, D], row 0 negative (unconditional), row 1 the prompt.
-        options: steps, strength, guidance, seed (checked first).
+        embeddings: float32 [2, 77, D], row 0 negative (unconditional), row 1 the prompt (row 0 is not used
+            at guidance 1).
+        options: steps, strength, guidance, seed (checked first; unset steps/guidance take the scheduler's
+            defaults, :data:`isekai.constants.SCHEDULER_DEFAULTS`).
         vae_encode, unet, vae_decode: the models as callables (module docstring).
         scheduler_config: a diffusers scheduler config (the model folder's scheduler_config.json).
         scaling_factor: the VAE's latent scaling factor (``vae.config.scaling_factor``).
         scheduler_cls: the diffusers scheduler class, built fresh from ``scheduler_config`` for this call
-            (default DPM-Solver++ multistep; PNDM, Euler, ... work the same way).
-        progress: called as ``progress(step, total)`` after each denoising step.
+            (default DPM-Solver++ multistep; LCM, PNDM, Euler, ... work the same way; the exported pipeline names
+            its own: :func:`scheduler_class` of ``PipelineConfig.scheduler``).
+        progress: called as ``progress(step, total)`` after each denoising step; an exception it raises ends
+            the loop there (how a cancelled request stops its UNet calls).
+        step_latents: called as ``step_latents(step, total, latents)`` after each denoising step, before
+            ``progress``, with the current latents float32 [1, 4, H/8, W/8] (scaled, still noisy; read-only use).
 
     Returns:
         uint8 [H, W, 3] RGB.
     """
-    # 1. Check inputs.
+    # 1. Check inputs (unset steps and guidance become this scheduler's defaults).
+    options = options.resolved(scheduler_cls.__name__)
     check_inputs(image, embeddings, options)
     with torch.no_grad():
         # 2. A fresh scheduler and the timesteps that strength keeps.
         scheduler = scheduler_cls.from_config(dict(scheduler_config))
         timesteps = _retrieve_timesteps(scheduler, options)
         # 3. Initial latents: the image's latents with seeded noise at the first kept timestep.
-        latents = _prepare_latents(image, scheduler, timesteps, options.seed, vae_encode, scaling_factor)
+        generator = torch.Generator().manual_seed(int(options.seed))
+        latents = _prepare_latents(image, scheduler, timesteps, generator, vae_encode, scaling_factor)
         # 4. Denoising loop.
-        latents = _denoise(latents, scheduler, timesteps, embeddings, float(options.guidance), unet, progress)
+        latents = _denoise(latents, scheduler, timesteps, embeddings, float(options.guidance), unet, progress,
+                           generator, step_latents)
         # 5. Decode to pixels.
         return _decode(latents, vae_decode, scaling_factor)

@@ -46,13 +46,15 @@ class Clicks:
 
 @dataclass(frozen=True)
 class SwapOptions:
-    """The ``isekai`` model's optional inputs, defaults filled in."""
+    """The ``isekai`` model's optional inputs, defaults filled in (``steps`` and ``guidance`` left out stay
+    :data:`~isekai.constants.STEPS_UNSET` / :data:`~isekai.constants.GUIDANCE_UNSET`: their defaults are the
+    exported scheduler's, which the diffusion model knows)."""
 
     character: str
     prompt: str | None  # None: the character's own prompt
     strength: float
-    steps: int
-    guidance: float
+    steps: int  # STEPS_UNSET: the scheduler's default
+    guidance: float  # GUIDANCE_UNSET: the scheduler's default
     seed: int
     format: str
     upscale: int = C.DEFAULT_UPSCALE  # the result's size over the photo's: 1 (off), 2 or 4
@@ -197,14 +199,16 @@ def validate_options(
     strength_v = _real("strength", strength, C.DEFAULT_STRENGTH)
     if not 0.0 < strength_v <= 1.0:
         raise ValueError(f"strength must be in (0, 1] but is {strength_v}")
-    steps_v = _integer("steps", steps, C.DEFAULT_STEPS)
-    if not 1 <= steps_v <= C.MAX_STEPS:
+    # Left out, steps and guidance stay unset: the diffusion model fills in its scheduler's defaults (and checks
+    # steps * strength against them).
+    steps_v = _integer("steps", steps, C.STEPS_UNSET)
+    if _one("steps", steps) is not None and not 1 <= steps_v <= C.MAX_STEPS:
         raise ValueError(f"steps must be in [1, {C.MAX_STEPS}] but is {steps_v}")
-    if int(steps_v * strength_v) < 1:  # img2img runs int(steps * strength) steps: zero would return noise
+    if steps_v != C.STEPS_UNSET and int(steps_v * strength_v) < 1:  # int(steps * strength) steps run: zero = noise
         raise ValueError(f"steps * strength must be >= 1 (img2img runs int(steps * strength) steps) but is "
                          f"{steps_v} * {strength_v}")
-    guidance_v = _real("guidance", guidance, C.DEFAULT_GUIDANCE)
-    if not C.MIN_GUIDANCE <= guidance_v <= C.MAX_GUIDANCE:
+    guidance_v = _real("guidance", guidance, C.GUIDANCE_UNSET)
+    if _one("guidance", guidance) is not None and not C.MIN_GUIDANCE <= guidance_v <= C.MAX_GUIDANCE:
         raise ValueError(f"guidance must be in [{C.MIN_GUIDANCE}, {C.MAX_GUIDANCE}] but is {guidance_v}")
     seed_v = _integer("seed", seed, C.DEFAULT_SEED)
     if not 0 <= seed_v <= C.MAX_SEED:

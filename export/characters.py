@@ -145,7 +145,7 @@ def add_lora_character(
     ranks = sorted({layer.rank for part in (found.unet, found.text_encoder) for layer in part.values()})
     source = (f"{Path(lora).name} ({found.layout}; rank {'/'.join(map(str, ranks))}; {len(found.unet)} UNet and "
               f"{len(found.text_encoder)} text encoder layers)")
-    with tempfile.TemporaryDirectory(dir=_staging(repository)) as tmp:
+    with tempfile.TemporaryDirectory(dir=_staging(repository), prefix=".staging-") as tmp:
         files = {
             f"{model}{chars.ADAPTER_SUFFIX}": adapters.write_adapter(p, Path(tmp) / f"{model}{chars.ADAPTER_SUFFIX}")
             for model, p in params.items()
@@ -193,7 +193,11 @@ def add_full_character(
     if models.unet is not None and sd.architecture(models.unet.config) != dict(base.config.unet_config):
         raise ValueError(f"{folder}: its UNet's architecture differs from the exported base model's (another SD "
                          "version?); a full fine-tune must keep the base's layers")
-    with tempfile.TemporaryDirectory(dir=_staging(repository)) as tmp:
+    if models.unet is not None and base.config.fused_lora:  # an LCM repository: its UNet gets the LCM-LoRA too
+        from isekai.export import fused_lora  # noqa: PLC0415
+
+        fused_lora.fuse_stored(repository, base.config.fused_lora, models.unet, models.text_encoder)
+    with tempfile.TemporaryDirectory(dir=_staging(repository), prefix=".staging-") as tmp:
         destinations = {model: Path(tmp) / model / C.ONNX_FILENAME for model in own}
         sd.export_graphs(models, destinations, lora_targets=None)
         text_graph = destinations.get(C.TEXT_ENCODER_MODEL)
@@ -328,7 +332,9 @@ def _train(args: argparse.Namespace) -> int:
     check_prompts(args.prompt, args.negative_prompt)
     base = Base.load(repository)
     parts = sd.fingerprints(sd.check_sd_folder(args.base))
-    if sd.base_fingerprint(parts) != base.config.base_fingerprint:
+    # The folder's own weights (an LCM repository also fused its LCM-LoRA into the exported UNet: a LoRA trained on
+    # the plain base is what it stacks with).
+    if any(parts[p] != base.config.fingerprints.get(p) for p in ("tokenizer", "text_encoder", "unet")):
         raise ValueError(f"{args.base} is not the base model exported in {repository}: a LoRA trained on it would "
                          "be drawn by another UNet (give --base the folder the repository was exported from)")
     lora = train_lora.train_dreambooth_lora(args.base, args.images, args.prompt, args.output,

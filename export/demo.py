@@ -9,6 +9,7 @@ Re-running skips checkpoints and graphs that already exist.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ DEMO_LORA_PROMPT = "a photo of sks girl, anime style"
 # The upscale graph: a tiny x4 RRDBNet (every part of RealESRGAN_x4plus, fewer and narrower), in the official format.
 DEMO_ESRGAN_VARIANT = "tiny"
 DEMO_ESRGAN_CHECKPOINT = "RealESRGAN_tiny.pth"
+# The LCM twin of the demo repository (tests, bench --quick): the demo's SD folder with a random LoRA shaped like the
+# published LCM-LoRA fused in, sampled by diffusers' LCMScheduler. Rank 8 on the tiny UNet; scale alpha / rank = 0.5.
+DEMO_LCM_LORA = "lcm-lora-tiny.safetensors"
+DEMO_LCM_RANK = 8
+DEMO_LCM_ALPHA = 4.0
 
 
 def copy_configs(destination: Path, source: Path = SOURCE_REPOSITORY) -> None:
@@ -107,6 +113,62 @@ def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = 
     if force or _missing(repository, C.UPSCALE_MODEL):
         export_esrgan(esrgan_ckpt, repository=repository)
     progress(f"demo repository ready in {repository} ({time.perf_counter() - started:.0f}s)")
+    return repository
+
+
+def lcm_lora_factors(unet, rank: int = DEMO_LCM_RANK, seed: int = 5) -> dict:
+    """Random (down, up) factors on the layers of ``unet`` (a torch UNet) that the published LCM-LoRA adapts."""
+    from isekai.export import lora_slots  # noqa: PLC0415
+    from isekai.export.make_lora import layer_shapes, lcm_lora_layers, random_factors  # noqa: PLC0415
+
+    paths = lcm_lora_layers(lora_slots.unet_layers(unet, "all"))
+    return random_factors(layer_shapes(unet, paths), rank=rank, seed=seed, strength=1.0)
+
+
+def make_lcm_lora(sd_folder: Path, path: Path, rank: int = DEMO_LCM_RANK, alpha: float = DEMO_LCM_ALPHA) -> Path:
+    """Write a random LCM-LoRA-shaped LoRA for the SD folder's UNet in kohya's layout with ``.alpha`` (as
+    latent-consistency/lcm-lora-sdv1-5 ships it): random weights, the real format and layers."""
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+    from isekai.export.make_lora import write_lora  # noqa: PLC0415
+
+    unet = UNet2DConditionModel.from_pretrained(str(sd_folder), subfolder="unet", local_files_only=True)
+    return write_lora(path, lcm_lora_factors(unet, rank), layout="kohya", alpha=alpha)
+
+
+def link_models(source: Path, destination: Path, models: tuple[str, ...]) -> None:
+    """Hard-link (or copy) ``source``'s exported graphs of ``models`` into ``destination`` (same layout)."""
+    for model in models:
+        folder = source / model / C.MODEL_VERSION
+        for path in folder.glob(f"{C.ONNX_FILENAME}*"):
+            target = destination / model / C.MODEL_VERSION / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:  # another file system
+                shutil.copy2(path, target)
+
+
+def build_lcm_repository(repository: Path, base: Path, checkpoints: Path, *, sam: Path | None = None) -> Path:
+    """The demo repository's LCM twin: ``base``'s (a built demo repository) SAM, LaMa and upscale graphs (SAM from
+    the repository ``sam`` instead, e.g. a vit_t export), and the demo's SD folder (under ``checkpoints``) exported
+    with a random LCM-LoRA fused (:data:`DEMO_LCM_LORA`). Re-running skips what exists."""
+    from isekai.export.sd import export_sd  # noqa: PLC0415
+
+    repository, base, checkpoints = Path(repository), Path(base), Path(checkpoints)
+    copy_configs(repository)
+    link_models(Path(sam) if sam else base, repository, (C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL))
+    link_models(base, repository, (C.LAMA_MODEL, *C.OPTIONAL_ONNX_MODELS))
+    lora = checkpoints / DEMO_LCM_LORA
+    sd_dir = checkpoints / "sd-tiny"
+    if not lora.exists():
+        make_lcm_lora(sd_dir, lora)
+    sd_models = (C.TEXT_ENCODER_MODEL, C.UNET_MODEL, C.VAE_ENCODER_MODEL, C.VAE_DECODER_MODEL)
+    current = _current(repository) and PipelineConfig.load(repository).scheduler == C.LCM_SCHEDULER
+    if _missing(repository, *sd_models) or not current:
+        export_sd(sd_dir, repository=repository, character=C.DEFAULT_CHARACTER, prompt=DEMO_CHARACTER_PROMPT,
+                  lcm_lora=lora)
     return repository
 
 

@@ -19,6 +19,11 @@ from isekai.export.lora_slots import SlotShape
 
 LAYOUTS = ("diffusers", "diffusers-processors", "peft", "kohya")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# The UNet modules the LCM-LoRA adapts (diffusers' train_lcm_distill_lora_sd.py target_modules, which made
+# latent-consistency/lcm-lora-sdv1-5): attention, the transformer blocks' projections and feed-forward, and the
+# resnets' convolutions, time projections and the resamplers; not conv_in/conv_out or the time embedding.
+LCM_LORA_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
 def random_factors(
@@ -110,6 +115,28 @@ def write_lora(
         _save(tensors, path / "adapter_model.safetensors")
         return path
     raise ValueError(f"layout should be one of {LAYOUTS} but is {layout!r}")
+
+
+def layer_shapes(module, paths) -> dict[str, SlotShape]:
+    """The :class:`SlotShape` of each Linear / Conv2d at ``paths`` in a torch ``module`` (a LoRA made before the base
+    is exported, e.g. an LCM-LoRA to fuse)."""
+    import torch  # noqa: PLC0415
+
+    out = {}
+    for path in paths:
+        layer = module.get_submodule(path)
+        if isinstance(layer, torch.nn.Linear):
+            out[path] = SlotShape("linear", layer.in_features, layer.out_features)
+        elif isinstance(layer, torch.nn.Conv2d):
+            out[path] = SlotShape("conv", layer.in_channels, layer.out_channels, tuple(layer.kernel_size))
+        else:
+            raise ValueError(f"layer {path!r} is a {type(layer).__name__}, not Linear or Conv2d")
+    return out
+
+
+def lcm_lora_layers(paths) -> list[str]:
+    """The paths among a UNet's layer ``paths`` that the published LCM-LoRA adapts (:data:`LCM_LORA_TARGETS`)."""
+    return [p for p in paths if any(p == t or p.endswith("." + t) for t in LCM_LORA_TARGETS)]
 
 
 def attention_only(shapes: Mapping[str, SlotShape]) -> dict[str, SlotShape]:

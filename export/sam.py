@@ -1,16 +1,20 @@
 """SAM checkpoint (.pth) -> ``sam_encoder`` and ``sam_decoder`` ONNX graphs, with a parity run.
 
-``load_sam`` reads the official ``sam_vit_{h,l,b}_*.pth`` files (plain state dicts) and our small ones from
+``load_sam`` reads the official ``sam_vit_{h,l,b}_*.pth`` files and MobileSAM's ``mobile_sam.pt`` (``vit_t``: a
+TinyViT image encoder, :mod:`isekai.export.tinyvit`), all plain state dicts, and our small ones from
 :mod:`isekai.export.make_sam`, and can tell the architecture from the tensors themselves.
 
 The two graphs:
 
 * ``sam_encoder``: ``image`` f32 [1, 3, 1024, 1024], RGB normalised with SAM's pixel mean/std and zero-padded
-  at the bottom/right to 1024 (``Sam.preprocess``) -> ``image_embeddings`` f32 [1, 256, 64, 64].
+  at the bottom/right to 1024 (``Sam.preprocess``) -> ``image_embeddings`` f32 [1, 256, 64, 64]. The same for
+  every encoder, so a vit_t repository serves exactly like a vit_h one. A ViT's global attention is exported a
+  block of query rows at a time (:mod:`isekai.export.sam_attention`: same numbers, 1/8 of the score buffers).
 * ``sam_decoder``: segment-anything's own ONNX decoder interface (``SamOnnxModel``, single mask): prompts in
   the 1024 frame, ``orig_im_size`` = (H, W) of the original photo; ``masks`` are logits at H x W.
 
 ``python -m isekai.cli export sam --checkpoint sam_vit_h_4b8939.pth --repository model_repository``
+``python -m isekai.cli export sam --checkpoint mobile_sam.pt --model-type vit_t --repository model_repository``
 """
 
 from __future__ import annotations
@@ -34,8 +38,16 @@ from isekai.export.common import (
     progress,
     random_like,
 )
-from isekai.export.make_sam import OFFICIAL_MODEL_TYPES, SAM_ENCODERS, SamEncoderConfig
-from isekai.export.sam_import import Sam, SamOnnxModel, build_sam_from_encoder_config
+from isekai.export.make_sam import (
+    OFFICIAL_MODEL_TYPES,
+    SAM_ENCODERS,
+    EncoderConfig,
+    SamEncoderConfig,
+    build_sam_for,
+)
+from isekai.export.sam_attention import blocked_global_attention
+from isekai.export.sam_import import Sam, SamOnnxModel
+from isekai.export.tinyvit import TINYVIT_MARKER, infer_tinyvit_config
 
 MODEL_TYPES = ("auto", *OFFICIAL_MODEL_TYPES)
 
@@ -70,8 +82,10 @@ SAM_DECODER_SPEC = GraphSpec(
     bounds={"N": (1, SAM_MAX_PROMPT_POINTS)},
 )
 
-# The tensor every SAM checkpoint has; its absence means the file holds some other model.
+# The tensor every ViT SAM checkpoint has, and MobileSAM's (TinyViT) counterpart; with neither, the file holds some
+# other model.
 _PATCH_EMBED_KEY = "image_encoder.patch_embed.proj.weight"
+_TINYVIT_KEY = f"image_encoder.{TINYVIT_MARKER}"
 _BLOCK_PREFIX = "image_encoder.blocks."
 _WINDOW_SIZE = 14  # segment-anything's windowed attention; rel_pos tables have 2 * size - 1 rows
 
@@ -100,23 +114,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise SamCheckpointError(
             f"{path} holds a {type(state).__name__}, not a state dict of tensors like the official SAM files"
         )
-    if _PATCH_EMBED_KEY not in state:
+    if _PATCH_EMBED_KEY not in state and _TINYVIT_KEY not in state:
         some = ", ".join(list(state)[:3]) or "none"
         raise SamCheckpointError(
-            f"{path} is not a SAM checkpoint: no {_PATCH_EMBED_KEY} (its first keys: {some})"
+            f"{path} is not a SAM checkpoint: no {_PATCH_EMBED_KEY} (SAM) or {_TINYVIT_KEY} (MobileSAM) "
+            f"(its first keys: {some})"
         )
     return dict(state)
 
 
 def infer_encoder_config(
     state: Mapping[str, torch.Tensor], path: str | Path = "checkpoint"
-) -> SamEncoderConfig:
-    """The image encoder's architecture, read from tensor shapes.
+) -> EncoderConfig:
+    """The image encoder's architecture, read from tensor shapes: a TinyViT's (MobileSAM,
+    :func:`~isekai.export.tinyvit.infer_tinyvit_config`) or a ViT's, as follows.
 
     embed dim: patch_embed output channels; depth: number of blocks; heads: embed dim / the rel-pos tables'
     channels (one head's width); global-attention blocks: rel-pos tables spanning the whole 64x64 grid
     (2*64-1 rows) rather than a 14x14 window (2*14-1 rows).
     """
+    if _TINYVIT_KEY in state:
+        try:
+            return infer_tinyvit_config(state)
+        except ValueError as err:
+            raise SamCheckpointError(f"{path}: a MobileSAM (TinyViT) checkpoint that does not fit: {err}") from err
     embed_dim = int(state[_PATCH_EMBED_KEY].shape[0])
     block_keys = (k.removeprefix(_BLOCK_PREFIX) for k in state if k.startswith(_BLOCK_PREFIX))
     blocks = sorted({int(k.split(".")[0]) for k in block_keys})
@@ -141,15 +162,15 @@ def infer_encoder_config(
     return SamEncoderConfig(embed_dim, len(blocks), embed_dim // head_dim, tuple(global_blocks))
 
 
-def _name_of(config: SamEncoderConfig) -> str | None:
+def _name_of(config: EncoderConfig) -> str | None:
     return next((name for name, known in SAM_ENCODERS.items() if known == config), None)
 
 
 def load_sam(checkpoint: str | Path, model_type: str = "auto") -> Sam:
     """A ``Sam`` in eval mode with the checkpoint's weights.
 
-    ``model_type`` "auto" builds whatever encoder the file holds; "vit_h"/"vit_l"/"vit_b" (or "tiny")
-    insist on that architecture and raise :class:`SamCheckpointError` naming the file when it differs.
+    ``model_type`` "auto" builds whatever encoder the file holds; "vit_h"/"vit_l"/"vit_b"/"vit_t" (or "tiny",
+    "tiny_t") insist on that architecture and raise :class:`SamCheckpointError` naming the file when it differs.
     """
     path = Path(checkpoint)
     if model_type != "auto" and model_type not in SAM_ENCODERS:
@@ -160,16 +181,10 @@ def load_sam(checkpoint: str | Path, model_type: str = "auto") -> Sam:
         what = _name_of(found) or "custom SAM"
         wanted = SAM_ENCODERS[model_type]
         raise SamCheckpointError(
-            f"{path.name} is a {what} checkpoint (embed dim {found.embed_dim}, {found.depth} blocks) but "
-            f"--model-type {model_type} was given ({model_type}: embed dim {wanted.embed_dim}, "
-            f"{wanted.depth} blocks); pass --model-type auto or the matching type"
+            f"{path.name} is a {what} checkpoint ({found.summary()}) but --model-type {model_type} was given "
+            f"({model_type}: {wanted.summary()}); pass --model-type auto or the matching type"
         )
-    sam = build_sam_from_encoder_config(
-        encoder_embed_dim=found.embed_dim,
-        encoder_depth=found.depth,
-        encoder_num_heads=found.num_heads,
-        encoder_global_attn_indexes=list(found.global_attn_indexes),
-    )
+    sam = build_sam_for(found)
     try:
         sam.load_state_dict(state)
     except RuntimeError as err:
@@ -291,26 +306,33 @@ def export_sam(
     repository: str | Path | None = None,
     encoder_output: str | Path | None = None,
     decoder_output: str | Path | None = None,
+    attention_rows: int = C.SAM_ATTENTION_QUERY_ROWS,
 ) -> list[ParityReport]:
     """Export the checkpoint's encoder and decoder, then check both against PyTorch in onnxruntime.
 
     Writes ``<repository>/sam_encoder/1/model.onnx`` and ``<repository>/sam_decoder/1/model.onnx`` (or the two
-    explicit output paths). Returns the parity reports: encoder, then decoder.
+    explicit output paths). A ViT encoder's global attention is exported ``attention_rows`` query rows of the
+    64x64 map at a time (64: all at once, segment-anything's own code); the parity run compares the graph with
+    segment-anything's unchanged attention. Returns the parity reports: encoder, then decoder.
     """
     enc_path = destination(C.SAM_ENCODER_MODEL, repository, encoder_output)
     dec_path = destination(C.SAM_DECODER_MODEL, repository, decoder_output)
     progress(f"loading SAM checkpoint {checkpoint} (model type {model_type})")
     sam = load_sam(checkpoint, model_type)
 
-    export_onnx(sam.image_encoder, SAM_ENCODER_SPEC, encoder_sample(), enc_path)
+    with blocked_global_attention(sam.image_encoder, attention_rows) as changed:
+        if changed:
+            progress(f"{C.SAM_ENCODER_MODEL}: {changed} global-attention blocks exported {attention_rows} query "
+                     f"rows at a time")
+        export_onnx(sam.image_encoder, SAM_ENCODER_SPEC, encoder_sample(), enc_path)
     # Example: one click plus the padding point on a portrait photo. N and orig_im_size stay symbolic.
     export_onnx(SamDecoderGraph(sam), SAM_DECODER_SPEC, decoder_sample((1280, 720), (1.0, -1.0)), dec_path)
     _name_output_axes(dec_path, SAM_DECODER_SPEC)
 
     progress("parity: onnxruntime against PyTorch on random inputs")
     # Encoder: its output ends in a LayerNorm (values of order 1); float32 kernels that reorder the sums
-    # of 12-32 attention blocks drift by ~1e-5 per block, so 1e-3 absolute is two orders above that noise
-    # and far below any real mistake.
+    # of 12-32 attention blocks (or TinyViT's 10) drift by ~1e-5 per block, so 1e-3 absolute is two orders above
+    # that noise and far below any real mistake. The module here has segment-anything's own attention back.
     encoder = check_parity(sam.image_encoder, enc_path, encoder_sample(seed=1), SAM_ENCODER_SPEC, atol=1e-3)
     # Decoder: checked against segment-anything's own SamOnnxModel (not our wrapper), at another aspect ratio
     # and point count than the export example, so a size baked into the graph would fail here. Logits reach
@@ -332,11 +354,19 @@ def export_sam(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", type=Path, required=True,
-        help="SAM .pth checkpoint: an official sam_vit_{h,l,b}_*.pth or one made by `isekai export demo`",
+        help="SAM .pth checkpoint: an official sam_vit_{h,l,b}_*.pth, MobileSAM's mobile_sam.pt, or one made by "
+        "`isekai export demo`",
     )
     parser.add_argument(
         "--model-type", choices=MODEL_TYPES, default="auto",
-        help="encoder architecture; 'auto' (default) reads it from the checkpoint, a named type is checked",
+        help="encoder architecture (vit_t: MobileSAM); 'auto' (default) reads it from the checkpoint, a named type "
+        "is checked",
+    )
+    parser.add_argument(
+        "--attention-rows", type=int, default=C.SAM_ATTENTION_QUERY_ROWS,
+        help=f"query rows of the {C.SAM_EMBEDDING_SIZE}x{C.SAM_EMBEDDING_SIZE} token map per block of a ViT's "
+        f"global attention (default {C.SAM_ATTENTION_QUERY_ROWS}; {C.SAM_EMBEDDING_SIZE}: the whole score matrix "
+        "at once, as segment-anything computes it)",
     )
     parser.add_argument(
         "--repository", type=Path, default=None,
@@ -357,8 +387,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.repository is None and (args.encoder_output is None or args.decoder_output is None):
             raise ValueError("give --repository DIR, or both --encoder-output FILE and --decoder-output FILE")
+        if not 1 <= args.attention_rows <= C.SAM_EMBEDDING_SIZE:
+            raise ValueError(f"--attention-rows should be in [1, {C.SAM_EMBEDDING_SIZE}] but is {args.attention_rows}")
         reports = export_sam(
-            args.checkpoint, args.model_type, args.repository, args.encoder_output, args.decoder_output
+            args.checkpoint, args.model_type, args.repository, args.encoder_output, args.decoder_output,
+            args.attention_rows,
         )
     except ValueError as err:
         print(f"isekai export sam: error: {err}", file=sys.stderr)

@@ -14,7 +14,9 @@ Graphs (names from :mod:`isekai.constants`; float32, NCHW; B and the sides dynam
   [B, 3, 8h, 8w] in about -1..1.
 
 The UNet and the text encoder also carry LoRA slots (:mod:`isekai.export.lora_slots`): optional inputs with a
-rank-0 default, so characters' LoRA adapters run on the one base graph.
+rank-0 default, so characters' LoRA adapters run on the one base graph. ``--lcm-lora FILE`` fuses the LCM-LoRA into
+the UNet's base weights first (:mod:`isekai.export.fused_lora`) and makes the pipeline run diffusers'
+``LCMScheduler`` (4 steps, guidance 1 by default).
 
 Each export ends with onnxruntime parity runs, on the traced shapes and on another batch and size (and, for the
 slotted graphs, with random adapters in every slot). Then a character is registered as the repository's default
@@ -40,7 +42,7 @@ import torch
 
 from isekai import constants as C
 from isekai.ensemble import characters as chars
-from isekai.export import lora_formats, lora_slots
+from isekai.export import fused_lora, lora_formats, lora_slots
 from isekai.export.common import (
     GraphSpec,
     ParityReport,
@@ -285,8 +287,10 @@ def fingerprints(folder: str | Path) -> dict[str, str]:
 
 
 def base_fingerprint(parts: Mapping[str, str]) -> str:
-    """The base model's identity for characters: what their embeddings and adapters depend on."""
-    return hashlib.sha256(json.dumps([parts[p] for p in ("tokenizer", "text_encoder", "unet")]).encode()).hexdigest()
+    """The base model's identity for characters: what their embeddings and adapters depend on, and the LoRA fused
+    into the exported UNet (``parts["fused_lora"]``), if any: it changes what every character is drawn with."""
+    keys = ("tokenizer", "text_encoder", "unet") + (("fused_lora",) if parts.get("fused_lora") else ())
+    return hashlib.sha256(json.dumps([parts[p] for p in keys]).encode()).hexdigest()
 
 
 def architecture(unet_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -314,8 +318,12 @@ def _unet_config(models: SdModels) -> Mapping[str, Any]:
     return UNet2DConditionModel.load_config(str(models.folder), subfolder="unet", local_files_only=True)
 
 
-def write_pipeline_data(models: SdModels, repository: Path, lora_targets: str, default: str | None) -> None:
-    """Copy the tokenizer files and write pipeline.json (scaling factor, scheduler, D, fingerprints, default)."""
+def write_pipeline_data(
+    models: SdModels, repository: Path, lora_targets: str, default: str | None, *,
+    scheduler: str = C.DEFAULT_SCHEDULER, fused: Mapping[str, Any] | None = None,
+) -> None:
+    """Copy the tokenizer files and write pipeline.json (scaling factor, scheduler class and config, D,
+    fingerprints, default, the fused LoRA's record from :func:`fused_lora.store` or none)."""
     target = chars.data_dir(repository) / chars.TOKENIZER_DIR
     target.mkdir(parents=True, exist_ok=True)
     source = models.folder / "tokenizer"
@@ -325,6 +333,10 @@ def write_pipeline_data(models: SdModels, repository: Path, lora_targets: str, d
         elif name in chars.TOKENIZER_FILES[:2]:
             raise FileNotFoundError(f"{source / name} is missing: the tokenizer cannot be copied")
     parts = fingerprints(models.folder)
+    if fused:
+        parts["fused_lora"] = fused["sha256"]
+    else:  # a plain export: a LoRA an earlier export fused is no part of this base
+        shutil.rmtree(chars.data_dir(repository) / chars.FUSED_LORA_DIR, ignore_errors=True)
     chars.PipelineConfig(
         scaling_factor=models.scaling_factor,
         scheduler_config=models.scheduler_config,
@@ -334,6 +346,8 @@ def write_pipeline_data(models: SdModels, repository: Path, lora_targets: str, d
         base_fingerprint=base_fingerprint(parts),
         unet_config=architecture(_unet_config(models)),
         lora_targets=lora_targets,
+        scheduler=scheduler,
+        fused_lora=dict(fused or {}),
     ).save(repository)
 
 
@@ -464,6 +478,7 @@ def export_sd(
     prompt: str | None = None,
     negative_prompt: str | None = None,
     lora_targets: str = C.DEFAULT_LORA_TARGETS,
+    lcm_lora: str | Path | None = None,
 ) -> dict[str, ParityReport]:
     """Export text_encoder, unet, vae_encoder, vae_decoder; check each against PyTorch; register a character.
 
@@ -472,8 +487,10 @@ def export_sd(
     :data:`constants.DEFAULT_CHARACTER` with a generic anime prompt. Characters registered on another base model
     before are reported (they are refused until registered again). With ``output_dir`` the graphs go to
     ``<output_dir>/<model>.onnx`` and no character is registered. The UNet and text encoder carry LoRA slots for
-    ``lora_targets`` (see :mod:`isekai.export.lora_slots`). Returns each graph's parity on the inputs it was not
-    traced with.
+    ``lora_targets`` (see :mod:`isekai.export.lora_slots`). With ``lcm_lora`` (an LCM-LoRA file or folder, any
+    layout :mod:`isekai.export.lora_formats` reads) the LoRA is fused into the UNet's weights before export and the
+    repository's pipeline runs diffusers' ``LCMScheduler`` (:mod:`isekai.export.fused_lora`). Returns each graph's
+    parity on the inputs it was not traced with.
     """
     if (repository is None) == (output_dir is None):
         raise ValueError("give exactly one of repository (a Triton repository) or output_dir")
@@ -484,6 +501,12 @@ def export_sd(
         if prompt is None:
             raise ValueError(f"character {character!r} needs a prompt (--prompt)")
     models = load_sd(model_folder)
+    fused = None
+    if lcm_lora is not None:
+        fused = fused_lora.read_unet_lora(lcm_lora, models.unet, models.text_encoder)
+        fused_lora.fuse(models.unet, fused)
+        ranks = "/".join(map(str, sorted({layer.rank for layer in fused.unet.values()})))
+        progress(f"unet: {Path(lcm_lora).name} ({fused.layout}, rank {ranks}) fused into {len(fused.unet)} layers")
     destinations = {
         model: destination(model, repository, Path(output_dir) / f"{model}.onnx" if output_dir else None)
         for model in SD_MODELS
@@ -497,7 +520,9 @@ def export_sd(
             prompt = DEFAULT_PROMPT if prompt is None else prompt
             negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         repository = Path(repository)
-        write_pipeline_data(models, repository, lora_targets, default=None)
+        record = fused_lora.store(lcm_lora, fused, repository) if fused is not None else None
+        scheduler = C.LCM_SCHEDULER if fused is not None else C.DEFAULT_SCHEDULER
+        write_pipeline_data(models, repository, lora_targets, default=None, scheduler=scheduler, fused=record)
         add_prompt_character(repository, character, prompt, negative_prompt or "", default=True)
         report_stale(repository)
     return reports
@@ -537,6 +562,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
     parser.add_argument(
+        "--lcm-lora", type=Path, default=None,
+        help="an LCM-LoRA for SD 1.5 (e.g. latent-consistency/lcm-lora-sdv1-5's pytorch_lora_weights.safetensors: "
+        "kohya or diffusers layout): fused into the UNet's weights before export; the pipeline then samples with "
+        f"diffusers' LCMScheduler ({C.LCM_STEPS} steps, guidance {C.LCM_GUIDANCE:g} by default). Characters' LoRAs "
+        "still apply on top",
+    )
+    parser.add_argument(
         "--lora-targets", default=C.DEFAULT_LORA_TARGETS, choices=C.LORA_TARGET_FAMILIES,
         help="which UNet layers get LoRA slots for characters' LoRAs: attention (to_q/k/v/out), transformer "
         "(+ proj_in/out, feed-forward: kohya LoRA), all (+ every conv: LoCon, LCM-LoRA); "
@@ -559,6 +591,7 @@ def main(args: argparse.Namespace) -> int:
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             lora_targets=args.lora_targets,
+            lcm_lora=args.lcm_lora,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"isekai export sd: error: {e}", file=sys.stderr)

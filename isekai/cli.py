@@ -16,6 +16,7 @@ COMMANDS = {
     "segment": ("isekai.client.cli_segment", "send a photo and clicks, get the person mask only"),
     "demo": ("isekai.demo", "make small checkpoints, serve them, send one real photo"),
     "load": ("isekai.client.cli_load", "a bounded load run: concurrent clients, counts and latencies"),
+    "web": ("isekai.client.web.cli", "the page: upload, click the person, pick a character, watch the swap"),
 }
 
 

@@ -32,6 +32,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--upscale", type=int, choices=C.UPSCALE_FACTORS, default=C.DEFAULT_UPSCALE,
         help="make the result this many times the photo's size with the demo's (tiny, random) Real-ESRGAN",
     )
+    parser.add_argument(
+        "--web", action="store_true",
+        help="instead of one swap: serve the demo repository and the page (isekai web) until Ctrl-C",
+    )
+    parser.add_argument("--host", default=C.DEFAULT_WEB_HOST, help="with --web: address the page listens on")
+    parser.add_argument("--port", type=int, default=C.DEFAULT_WEB_PORT, help="with --web: port the page listens on")
+
+
+def web(work: Path, host: str, port: int) -> int:
+    """``isekai demo --web``: the small checkpoints served by the embedded Triton, and the page in front of it."""
+    import threading  # noqa: PLC0415
+
+    from isekai.client.web.cli import PageServer  # noqa: PLC0415
+    from isekai.export.demo import build_demo_repository  # noqa: PLC0415
+    from isekai.serving.server import ServerOptions, TritonServer, free_port  # noqa: PLC0415
+
+    print(f"[1/3] small checkpoints in the real formats, exported into {work / 'model_repository'}", flush=True)
+    repository = build_demo_repository(work / "model_repository", work / "checkpoints")
+    options = ServerOptions(
+        repository=repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()
+    )
+    log = work / "tritonserver.log"
+    print(f"[2/3] starting the embedded Triton server (log: {log})", flush=True)
+    with TritonServer(options, log_path=log) as server:
+        print(f"      ready: gRPC {server.grpc_url}, metrics {server.metrics_url}", flush=True)
+        with PageServer(server.grpc_url, host=host, port=port) as page:
+            print(f"[3/3] the page: {page.url}  (random weights draw noise; Ctrl-C stops)", flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                print("\nstopping", flush=True)
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,6 +78,8 @@ def main(args: argparse.Namespace) -> int:
     from isekai.serving.server import ServerOptions, TritonServer, free_port  # noqa: PLC0415
 
     work = args.workdir.resolve()
+    if args.web:
+        return web(work, args.host, args.port)
     t0 = time.perf_counter()
     print(f"[1/4] small checkpoints in the real formats, exported into {work / 'model_repository'}", flush=True)
     repository = build_demo_repository(work / "model_repository", work / "checkpoints")

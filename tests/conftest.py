@@ -22,6 +22,15 @@ def demo_repository() -> Path:
     return build_demo_repository(CACHE / "model_repository", CACHE / "checkpoints")
 
 
+@pytest.fixture(scope="session")
+def lcm_repository(demo_repository: Path) -> Path:
+    """The demo repository's LCM twin: its SAM, LaMa and upscale graphs, and its tiny SD exported with a random
+    LCM-LoRA-shaped LoRA fused (``isekai export sd --lcm-lora``); the LoRA file lies in the demo's checkpoints."""
+    from isekai.export.demo import build_lcm_repository
+
+    return build_lcm_repository(CACHE / "lcm_repository", demo_repository, CACHE / "checkpoints")
+
+
 def start_server(repository: Path, log_path: Path, **options):
     from isekai.serving.server import ServerOptions, TritonServer, free_port
 

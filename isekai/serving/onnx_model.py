@@ -15,13 +15,26 @@ A model whose config declares the optional ``character`` input (``unet``, ``text
 the weights its character brings (:mod:`isekai.serving.character_weights`): the base graph with a LoRA adapter
 active, or the character's own graph. Requests of different characters never share a run.
 
-Errors: a request whose inputs are wrong fails alone with INVALID_ARGUMENT; onnxruntime failing to run (out of
-memory, a kernel error) is the server's fault: INTERNAL naming the model, logged with the request ids.
+Errors: a request whose inputs are wrong fails alone with INVALID_ARGUMENT, and so does one whose feed onnxruntime
+itself refuses (its ``InvalidArgument``: a shape the config allows and the graph does not); onnxruntime failing to
+run (out of memory, a kernel error) is the server's fault: INTERNAL naming the model, logged with the request ids
+(:mod:`isekai.serving.ort_errors`). A joined run that fails is run again request by request, so one request's
+failure is not the others'.
+
+The graph's identity (:func:`isekai.ensemble.cache.graph_identity`, taken before it is read) is kept: a request
+naming the identity it expects in its :data:`~isekai.constants.GRAPH_PARAMETER` parameter is refused (UNAVAILABLE,
+:data:`~isekai.constants.GRAPH_MISMATCH`) when this instance serves another graph, i.e. the graph was re-exported
+and not yet reloaded. preprocess keys SAM embeddings by that identity.
+
+``parameters { key: "nice" ... }``: the niceness (0..19) this stub's threads run at. sam_encoder sets it, so that a
+new photo's encode, which takes every core for seconds, leaves the CPU to the clicks on cached photos first.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,9 +42,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from isekai import constants as C
+from isekai.ensemble.cache import graph_identity
 from isekai.ensemble.characters import CharacterChanged, CharacterStore
 from isekai.serving import metrics, triton
 from isekai.serving.character_weights import CharacterWeights
+from isekai.serving.ort_errors import ModelRunError, run_error
 from isekai.serving.ort_options import providers, session_options
 
 log = logging.getLogger("isekai")
@@ -61,6 +76,7 @@ class TritonPythonModel:
                 f"{self.name}: {path} does not exist; make it first ({how} --repository "
                 f"{Path(args['model_repository']).parent})"
             )
+        self.graph = graph_identity(path.parent)  # before reading it: a graph replaced meanwhile never matches
         self.session = self._open(path)
         # Graph inputs without a default; LoRA slots (inputs with an initializer) are set by adapters only.
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -76,6 +92,8 @@ class TritonPythonModel:
                 graph_budget=int(self.params.get("character_graph_bytes", C.CHARACTER_GRAPH_BYTES)),
                 plans=self.runtime == "tensorrt",
             )
+        if "nice" in self.params:
+            _renice(int(self.params["nice"]))
 
     def _open(self, path: Path):
         if self.runtime == "tensorrt":
@@ -109,10 +127,26 @@ class TritonPythonModel:
             raise ValueError(f"input '{C.SD_IN_CHARACTER}' must name one character per request, got {sorted(keys)}")
         return keys.pop()
 
+    def _check_graph(self, request) -> None:
+        """Refuse a request that expects another graph than this instance serves (see the module docstring)."""
+        raw = request.parameters() if hasattr(request, "parameters") else ""
+        if not raw or C.GRAPH_PARAMETER not in raw:
+            return
+        expected = json.loads(raw).get(C.GRAPH_PARAMETER)
+        if expected and expected != self.graph:
+            raise GraphRefused(f"{self.name} {C.GRAPH_MISMATCH}: it loaded graph {self.graph or '?'}, the caller "
+                               f"expects {expected} (re-exported and not reloaded yet)")
+
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = defaultdict(list)
         for i, request in enumerate(requests):
+            try:
+                self._check_graph(request)
+            except GraphRefused as err:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(err), pb_utils.TritonError.UNAVAILABLE))
+                continue
             try:
                 feed = self._feed(request)
                 character = self._character(request)
@@ -148,8 +182,13 @@ class TritonPythonModel:
             batch = {n: np.concatenate([f[n] for _, f in members]) for n in self.inputs}
         try:
             outputs = session.run(self.output_names, batch, run_options)
-        except Exception as err:  # noqa: BLE001 - onnxruntime failing to run is the server's fault, not the caller's
-            self._fail(members, requests, responses, RuntimeError(f"{self.name}: onnxruntime failed: {err}"), "run")
+        except Exception as err:  # noqa: BLE001 - classified below: the caller's input or the server's failure
+            if len(members) > 1:  # one request's failure must not be the others': run each alone
+                for member in members:
+                    self._run_group(character, [member], requests, responses)
+                return
+            failure = run_error(self.name, err)
+            self._fail(members, requests, responses, failure, "run" if isinstance(failure, ModelRunError) else "")
             return
         offset = 0
         for i, feed in members:
@@ -171,3 +210,22 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.session = None
         self.characters = None
+
+
+class GraphRefused(RuntimeError):
+    """The request expects another graph than this instance loaded."""
+
+
+def _renice(nice: int) -> None:
+    """Run every thread of this process (onnxruntime's pool included) at niceness ``nice``.
+
+    Linux keeps a niceness per thread and new threads inherit their creator's, so the threads that exist now are
+    set one by one; raising it needs no privilege.
+    """
+    if not 0 <= nice <= 19:
+        raise ValueError(f"parameter nice should be in [0, 19] but is {nice}")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except (ProcessLookupError, PermissionError) as err:
+            log.warning("could not renice thread %s: %s", tid, err)

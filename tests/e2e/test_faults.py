@@ -1,8 +1,8 @@
 """Faults inside a running server: a full embedding cache, a UNet raising mid-loop, a stub killed with SIGKILL.
 
 One ``isekai serve`` (the real command, with its supervisor) on a private copy of the small-checkpoint repository,
-changed in two places: preprocess keeps at most 2 embeddings, and unet's model.py is a test-only subclass that
-raises in its K-th call once a marker file appears (production code has no fault switch).
+changed in two places: the embedding cache keeps at most 2 embeddings, and unet's model.py is a test-only
+subclass that raises in its K-th call once a marker file appears (production code has no fault switch).
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def faulty(demo_repository, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     repository = copy_repository(demo_repository, root / "repository")
     (repository / C.UNET_MODEL / C.MODEL_VERSION / "model.py").write_text(FAILING_UNET)
-    config = repository / C.PREPROCESS_MODEL / "config.pbtxt"
+    config = repository / C.EMBEDDING_CACHE_MODEL / "config.pbtxt"
     text, n = re.subn(r'(key: "cache_entries" value: \{ string_value: )"\d+"', rf'\1"{CACHE_ENTRIES}"',
                       config.read_text())
-    assert n == 1, "preprocess/config.pbtxt has no cache_entries parameter"
+    assert n == 1, "embedding_cache/config.pbtxt has no cache_entries parameter"
     config.write_text(text)
     serve = IsekaiServe(repository, root / "serve.log", "--grace", "20").start()
     yield serve

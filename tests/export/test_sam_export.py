@@ -113,6 +113,19 @@ def test_graph_names_and_dims_follow_the_spec(exported, spec):
     assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*graph.input, *graph.output])
 
 
+def test_encoder_graph_never_holds_a_whole_score_matrix(exported):
+    """The global attention is exported in blocks of query rows: no loop operator, and no intermediate as big as
+    one head's 4096 x 4096 scores times the heads (that is what segment-anything's own attention exports)."""
+    path = exported[1] / C.SAM_ENCODER_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    assert not {n.op_type for n in graph.node} & {"Loop", "Scan", "If"}
+    sizes = [int(np.prod([d.dim_value for d in v.type.tensor_type.shape.dim])) for v in graph.value_info]
+    heads, tokens = SAM_ENCODERS["tiny"].num_heads, C.SAM_EMBEDDING_SIZE**2
+    block = heads * (C.SAM_ATTENTION_QUERY_ROWS * C.SAM_EMBEDDING_SIZE) * tokens
+    assert max(sizes) == block, f"largest intermediate {max(sizes)} elements; one block of scores is {block}"
+    assert max(sizes) * C.SAM_EMBEDDING_SIZE // C.SAM_ATTENTION_QUERY_ROWS == heads * tokens * tokens
+
+
 @pytest.mark.parametrize("n_points", [1, 4, SAM_MAX_PROMPT_POINTS])
 def test_decoder_follows_point_count(sam, sessions, n_points):
     labels = tuple(float(i % 2) for i in range(n_points))  # alternating background/foreground clicks

@@ -41,6 +41,7 @@ def test_every_model_folder_has_a_config_named_after_it():
     [
         (api.SWAP_MODEL, api.SWAP_INPUTS, api.SWAP_OPTIONAL, api.SWAP_OUTPUTS),
         (api.SEGMENT_MODEL, api.SEGMENT_INPUTS, api.SEGMENT_OPTIONAL, api.SEGMENT_OUTPUTS),
+        (api.STREAM_MODEL, api.STREAM_INPUTS, api.STREAM_OPTIONAL, api.STREAM_OUTPUTS),
     ],
 )
 def test_public_models_match_client_api(model, inputs, optional, outputs):
@@ -186,3 +187,19 @@ def test_upscale_graph_tensor_names_are_the_constants():
     finish = configs()[C.FINISH_MODEL]
     assert {t.name for t in finish.input} == {"scene", api.UPSCALE, api.FORMAT}
     assert [t.name for t in finish.output] == [api.RESULT]
+
+
+def test_stream_model_takes_exactly_the_swap_inputs_and_is_decoupled():
+    """isekai_stream is isekai's decoupled twin: the same inputs (names, types, dims, optional, order), so an input
+    added to isekai (upscale, ...) cannot be forgotten in the stream; its own outputs plus isekai's."""
+    all_configs = configs()
+    stream, swap = all_configs[api.STREAM_MODEL], all_configs[api.SWAP_MODEL]
+    assert list(stream.input) == list(swap.input)
+    assert stream.model_transaction_policy.decoupled
+    assert stream.backend == "python" and stream.max_batch_size == 0
+    assert io(stream.output) == {**io(swap.output), **{n: (api.DTYPES[n], api.DIMS[n], False)
+                                                       for n in (api.STAGE, api.PROGRESS, api.PREVIEW)}}
+    params = {k: v.string_value for k, v in stream.parameters.items()}
+    assert params["ensemble"] == api.SWAP_MODEL
+    assert int(params["max_concurrent_swaps"]) == C.STREAM_MAX_CONCURRENT
+    assert (REPOSITORY / api.STREAM_MODEL / C.MODEL_VERSION / "model.py").is_file()

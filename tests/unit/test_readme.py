@@ -43,7 +43,7 @@ def test_limits_table_quotes_the_limits():
 
 def test_cache_bounds_quoted_where_the_cache_is_described():
     assert f"{C.EMBEDDING_CACHE_ENTRIES} entries, {C.EMBEDDING_CACHE_BYTES // 2**20} MiB" in README
-    config = (ROOT / "model_repository" / C.PREPROCESS_MODEL / "config.pbtxt").read_text()
+    config = (ROOT / "model_repository" / C.EMBEDDING_CACHE_MODEL / "config.pbtxt").read_text()
     assert re.search(rf'"cache_entries" value: {{ string_value: "{C.EMBEDDING_CACHE_ENTRIES}" }}', config)
     assert re.search(rf'"cache_bytes" value: {{ string_value: "{C.EMBEDDING_CACHE_BYTES}" }}', config)
 
@@ -73,3 +73,19 @@ def test_super_resolution_quotes_the_factors_tiles_and_limits():
     assert f"tiles of {C.UPSCALE_TILE} pixels with {C.UPSCALE_TILE_PAD} of context" in section
     assert f"at most {side} x {side} pixels (`MAX_UPSCALED_PIXELS`" in section
     assert "isekai export esrgan --checkpoint" in section
+
+
+def test_load_shedding_timeouts_and_retries_quoted():
+    section = " ".join(README.split("### Busy, stuck or failing", 1)[1].split("\n### ", 1)[0].split())
+    sizes = C.STEP_QUEUE_SIZES
+    click_steps = (C.PREPROCESS_MODEL, C.SAM_DECODER_MODEL, C.SEGMENT_MASK_MODEL)
+    assert len({sizes[m] for m in click_steps}) == 1 and sizes[C.COMPOSE_MODEL] == sizes[C.FINISH_MODEL]
+    assert (f"{sizes[C.PREPROCESS_MODEL]} for the click steps `preprocess`, `sam_decoder` and `segment_mask`, "
+            f"`prepare` {sizes[C.PREPARE_MODEL]}, `lama` {sizes[C.LAMA_MODEL]}, `diffusion` "
+            f"{sizes[C.DIFFUSION_MODEL]}, `compose` and `finish` {sizes[C.COMPOSE_MODEL]}") in section
+    assert f"at most {C.QUEUE_TIMEOUT_S} s, `QUEUE_TIMEOUT_S`" in section
+    assert f"else {C.BLS_TIMEOUT_S:g} s per call (`BLS_TIMEOUT_S`)" in section
+    assert f"up to {C.RETRY_ATTEMPTS} tries (`RETRY_ATTEMPTS`)" in section
+    assert f"waiting {C.RETRY_BASE_DELAY_S:g}, 2, 4 s with jitter (at most {C.RETRY_MAX_DELAY_S:g} s)" in section
+    for message in C.BUSY_MESSAGES:
+        assert f"`{message}`" in section

@@ -40,8 +40,9 @@ def test_swap_defaults(png):
     assert req.image.shape == (H, W, 3) and req.image_key == image_key(png)
     assert req.clicks.points.dtype == np.float32 and req.clicks.labels.dtype == np.int32
     assert req.clicks.box is None
-    assert req.options == SwapOptions("", None, C.DEFAULT_STRENGTH, C.DEFAULT_STEPS,
-                                      C.DEFAULT_GUIDANCE, C.DEFAULT_SEED, C.DEFAULT_FORMAT)
+    # steps and guidance left out stay unset: the diffusion model fills in the exported scheduler's defaults.
+    assert req.options == SwapOptions("", None, C.DEFAULT_STRENGTH, C.STEPS_UNSET,
+                                      C.GUIDANCE_UNSET, C.DEFAULT_SEED, C.DEFAULT_FORMAT)
 
 
 def test_swap_accepts_triton_shaped_tensors(png):
@@ -64,7 +65,7 @@ def test_empty_optional_tensors_mean_defaults(png):
     points, labels = _click()
     req = validate_swap(png, points, labels, np.zeros((0,), np.float32), prompt=np.array([b""], dtype=object),
                         steps=np.zeros((0,), np.int32))
-    assert req.clicks.box is None and req.options.prompt is None and req.options.steps == C.DEFAULT_STEPS
+    assert req.clicks.box is None and req.options.prompt is None and req.options.steps == C.STEPS_UNSET
 
 
 def test_a_box_alone_is_a_prompt(png):

@@ -141,8 +141,9 @@ def test_a_short_lived_stub_beside_the_serving_one_is_not_a_crash(table):
     assert watchdog.check() == []
 
 
-def test_one_of_two_instances_vanishing_is_left_to_the_zombie_rule(table, clock):
-    """With another live stub the model still serves; a dead instance that stays a zombie is still reported."""
+def test_one_of_two_instances_of_unknown_name_vanishing_is_left_to_the_zombie_rule(table, clock):
+    """Without instance names (a command line that does not say), another live stub keeps the model serving; a
+    dead instance that stays a zombie is still reported."""
     watchdog = StubWatchdog(SERVER, loaded=lambda model: True, confirm_s=5.0, clock=clock)
     table[:] = [alive(1, "diffusion"), alive(2, "diffusion")]
     watchdog.check()
@@ -172,3 +173,62 @@ def test_without_the_loaded_check_only_zombies_count(table, clock):
     assert watchdog.check() == []
     clock.now += 5
     assert watchdog.check() == ["unet"]
+
+
+def instance(pid: int, name: str) -> StubProcess:
+    """A live stub whose command line names its instance (``diffusion_0_1``) or, for a config stub, its model."""
+    model = name.rsplit("_", 2)[0] if name.count("_") >= 2 and name.rsplit("_", 1)[1].isdigit() else name
+    return StubProcess(pid, SERVER, model, f"/repo/{model}/1/model.py", zombie=False, instance=name)
+
+
+def test_one_of_two_instances_reaped_while_the_other_serves_is_reported(table, clock):
+    """A request reached the dead instance first and Triton reaped it: the other instance's stub does not hide it."""
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True, confirm_s=5.0, clock=clock)
+    table[:] = [instance(1, "diffusion_0_0"), instance(2, "diffusion_0_1")]
+    watchdog.check()
+    table[:] = [instance(1, "diffusion_0_0")]
+    assert watchdog.check() == []
+    clock.now += 4.9
+    assert watchdog.check() == []
+    clock.now += 0.1
+    assert watchdog.check() == ["diffusion"]
+    assert "instance diffusion_0_1" in watchdog.reasons["diffusion"] and "pid 2" in watchdog.reasons["diffusion"]
+    clock.now += 10
+    assert watchdog.check() == []
+    table[:] = [instance(1, "diffusion_0_0"), instance(3, "diffusion_0_0"), instance(4, "diffusion_0_1")]  # reload
+    assert watchdog.check() == []
+    table[:] = [instance(3, "diffusion_0_0"), instance(4, "diffusion_0_1")]
+    clock.now += 10
+    assert watchdog.check() == []
+
+
+def test_a_reload_of_a_two_instance_model_is_not_a_crash(table, clock):
+    """The new instances (same names), the config stub, then the old instances go: one after the other."""
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: True, confirm_s=5.0, clock=clock)
+    table[:] = [instance(1, "diffusion_0_0"), instance(2, "diffusion_0_1")]
+    watchdog.check()
+    table[:] = [instance(1, "diffusion_0_0"), instance(2, "diffusion_0_1"), instance(9, "diffusion")]
+    watchdog.check()
+    table[:] = [instance(1, "diffusion_0_0"), instance(2, "diffusion_0_1"), instance(3, "diffusion_0_0")]
+    watchdog.check()
+    table[:] = [instance(2, "diffusion_0_1"), instance(3, "diffusion_0_0")]
+    clock.now += 1
+    watchdog.check()
+    table[:] = [instance(3, "diffusion_0_0")]  # the old 0_1 went before the new 0_1 came
+    clock.now += 2
+    assert watchdog.check() == []
+    table[:] = [instance(3, "diffusion_0_0"), instance(4, "diffusion_0_1")]
+    clock.now += 10
+    assert watchdog.check() == []
+
+
+def test_an_instance_gone_with_its_model_unloaded_is_not_a_crash(table, clock):
+    states = {"diffusion": "READY"}
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: states.get(model) == "READY", confirm_s=5.0, clock=clock)
+    table[:] = [instance(1, "diffusion_0_0"), instance(2, "diffusion_0_1")]
+    watchdog.check()
+    table[:] = [instance(1, "diffusion_0_0")]
+    watchdog.check()
+    states["diffusion"] = "UNLOADING"
+    clock.now += 10
+    assert watchdog.check() == []

@@ -137,8 +137,11 @@ def test_validate_swap_accepts_or_raises_value_error(prompt, character, text, st
         return
     check_request(req)
     o = req.options
-    assert 0.0 < o.strength <= 1.0 and 1 <= o.steps <= C.MAX_STEPS and int(o.steps * o.strength) >= 1
-    assert C.MIN_GUIDANCE <= o.guidance <= C.MAX_GUIDANCE and math.isfinite(o.guidance)
+    # Unset steps / guidance travel as STEPS_UNSET / GUIDANCE_UNSET (the scheduler's defaults, filled in later).
+    assert 0.0 < o.strength <= 1.0
+    assert o.steps == C.STEPS_UNSET or (1 <= o.steps <= C.MAX_STEPS and int(o.steps * o.strength) >= 1)
+    assert o.guidance == C.GUIDANCE_UNSET or (C.MIN_GUIDANCE <= o.guidance <= C.MAX_GUIDANCE
+                                              and math.isfinite(o.guidance))
     assert 0 <= o.seed <= C.MAX_SEED and o.format in C.OUTPUT_FORMATS
     assert o.prompt is None or 0 < len(o.prompt) <= C.MAX_PROMPT_CHARS
 

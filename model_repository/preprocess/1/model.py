@@ -3,6 +3,11 @@
 Both public models start here. ``isekai`` asks for the resolved options too (``character`` ... ``upscale``), so
 only its requests check the character against the store, the upscaled result's size against the limits, and the
 repository for an upscale graph; ``isekai_segment`` asks for the SAM tensors alone.
+
+The embedding comes from the ``embedding_cache`` model, else from ``sam_encoder`` (then stored there), keyed
+by the encoder graph's identity on disk, which sam_encoder is asked to confirm (:class:`EmbeddingSource`).
+Several instances of this model share that one cache, so a click is served while another instance waits on an
+encode.
 """
 
 from __future__ import annotations
@@ -10,37 +15,51 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 from isekai import constants as C
-from isekai.ensemble.cache import EmbeddingCache
+from isekai.ensemble.cache import EmbeddingSource, GraphMismatch, graph_identity
 from isekai.ensemble.characters import CharacterStore
 from isekai.ensemble.finish import require_upscale_graph
 from isekai.ensemble.requests import SwapOptions, check_result_size, validate_options, validate_segment
 from isekai.ensemble.sam_transforms import SamTransform
-from isekai.serving import metrics, triton
+from isekai.serving import triton
 
 OPTION_NAMES = ("character", "prompt", "strength", "steps", "guidance", "seed", "format", "upscale")
 
 
+def _cached(key: str) -> np.ndarray | None:
+    out = triton.call(C.EMBEDDING_CACHE_MODEL, {"key": np.array([key.encode()], dtype=np.object_)},
+                      [C.SAM_ENC_OUT_EMBEDDINGS, "found"])
+    return out[C.SAM_ENC_OUT_EMBEDDINGS] if bool(out["found"].reshape(-1)[0]) else None
+
+
+def _store(key: str, embeddings: np.ndarray) -> None:
+    inputs = {"key": np.array([key.encode()], dtype=np.object_), C.SAM_ENC_OUT_EMBEDDINGS: embeddings}
+    triton.call(C.EMBEDDING_CACHE_MODEL, inputs, ["found"])
+
+
+def _encode(pixels: np.ndarray, graph: str | None) -> np.ndarray:
+    """sam_encoder's embedding of ``pixels``; with ``graph``, only that graph's (else :class:`GraphMismatch`)."""
+    try:
+        return triton.call(C.SAM_ENCODER_MODEL, {C.SAM_ENC_IN_IMAGE: pixels}, [C.SAM_ENC_OUT_EMBEDDINGS],
+                           parameters={C.GRAPH_PARAMETER: graph} if graph else None)[C.SAM_ENC_OUT_EMBEDDINGS]
+    except triton.ModelCallError as err:
+        if C.GRAPH_MISMATCH in str(err):
+            raise GraphMismatch(str(err)) from None
+        raise
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = triton.load_config(args)
-        params = triton.parameters(config)
-        self.cache = EmbeddingCache(
-            int(params.get("cache_entries", C.EMBEDDING_CACHE_ENTRIES)),
-            int(params.get("cache_bytes", C.EMBEDDING_CACHE_BYTES)),
-        )
         self.repository = Path(args["model_repository"]).parent
+        encoder_folder = self.repository / C.SAM_ENCODER_MODEL / C.MODEL_VERSION
+        self.embeddings = EmbeddingSource(lambda: graph_identity(encoder_folder), _cached, _store, _encode)
         self.characters = CharacterStore(self.repository)
         self.sam = SamTransform()
         self.name = args["model_name"]
-        self.metrics = metrics.cache_metrics(self.name)
 
     def execute(self, requests: list) -> list:
-        responses = triton.respond_each(requests, self._handle, self.name)
-        self.metrics.update(self.cache.stats())
-        return responses
+        return triton.respond_each(requests, self._handle, self.name)
 
     def _handle(self, request) -> list:
         wanted = set(request.requested_output_names())
@@ -60,7 +79,8 @@ class TritonPythonModel:
             check_result_size(options, size)
         out.update(self.sam.decoder_inputs(seg.clicks.points, seg.clicks.labels, seg.clicks.box, size,
                                            mask_input=seg.mask_input))
-        out[C.SAM_DEC_IN_EMBEDDINGS] = self._embeddings(seg.image_key, seg.image)
+        pixels = lambda: self.sam.encoder_input(seg.image)  # noqa: E731 - only made on a cache miss
+        out[C.SAM_DEC_IN_EMBEDDINGS] = self.embeddings.get(seg.image_key, pixels)
         out["rgb"] = seg.image
         return [triton.tensor(name, value) for name, value in out.items() if name in wanted]
 
@@ -80,13 +100,3 @@ class TritonPythonModel:
             "format": np.array([options.format.encode()], dtype=np.object_),
             "upscale": np.array([options.upscale], np.int32),
         }
-
-    def _embeddings(self, key: str, rgb: np.ndarray) -> np.ndarray:
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        embeddings = triton.call(
-            C.SAM_ENCODER_MODEL, {C.SAM_ENC_IN_IMAGE: self.sam.encoder_input(rgb)}, [C.SAM_ENC_OUT_EMBEDDINGS]
-        )[C.SAM_ENC_OUT_EMBEDDINGS]
-        self.cache.put(key, embeddings)
-        return embeddings
