@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	# spandrel: the reference Real-ESRGAN the export tests compare against. --no-deps: it requires torchvision,
 	# which cannot import beside the CPU torch (the tests stand in for the few names it uses).
 	$(BIN)/python -m pip install -q --no-deps spandrel==0.4.2 einops==0.8.2
+	# mobilesam-mirror: MobileSAM's own code, the reference the vit_t export tests compare against. It declares no
+	# required dependencies, but its code imports timm and torchvision names (the tests stand in for them):
+	# --no-deps keeps any later release from pulling them in.
+	$(BIN)/python -m pip install -q --no-deps mobilesam-mirror==1.0.0
 	touch $@
 
 demo: setup

@@ -1,4 +1,6 @@
-"""Configuration 1, the seed-style baseline: in-process PyTorch as the original app ran the pipeline.
+"""Configuration 1, in-process PyTorch, in two modes (:data:`MODES`), one after the other in one process:
+
+**1a seed-style** (``seed``), as the original app (and Inpaint-Anything) ran the pipeline:
 
 - SAM: segment-anything's ``SamPredictor``, ``set_image`` on every request (no embedding cache), ``predict``
   with the click (multimask, best score), and again on the generated crop with the person's box (compose);
@@ -7,8 +9,12 @@
   with the same scheduler (DPM-Solver++ multistep), steps, strength, guidance and seed as the served pipeline,
   on the same person crop; it encodes the prompts on every call, as the pipeline does.
 
-Masks, crops and compositing use the project's own ``ensemble/`` functions, so the three configurations do the same
-image work and differ in how the models run.
+**1b same work** (``same_work``): the served pipeline's work, run by PyTorch: LaMa on the same crop around the
+hole, the character's precomputed prompt embeddings (no text encoder call), and compose's default silhouette
+(the person's own mask: no second SAM encode). The stages run one after the other, as a plain program does;
+the served pipeline's parallel branches are part of what serving brings.
+
+Masks, crops and compositing use the project's own ``ensemble/`` functions in both modes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from isekai.ensemble.images import decode_image, encode_image
 
 from bench.models import ROOT, Checkpoints
 from bench.timing import StageTimer, say
+
+MODES = ("seed", "same_work")
 
 # segment-anything's SamPredictor imports torchvision for two resize helpers; the test suite's reference module
 # lends it a faithful stand-in when torchvision is absent (it is not a dependency of isekai).
@@ -80,8 +88,10 @@ class TorchBaseline:
         pipe.vae.encode = self.timer.wrap("vae_encoder", pipe.vae.encode)
         pipe.vae.decode = self.timer.wrap("vae_decoder", pipe.vae.decode)
 
-    def img2img(self, crop: np.ndarray, prompt: str, negative_prompt: str, options: DiffusionOptions,
-                progress=None) -> np.ndarray:
+    def img2img(self, crop: np.ndarray, prompts: tuple, options: DiffusionOptions, progress=None
+                ) -> np.ndarray:
+        """``prompts``: (prompt, negative prompt) as text (the pipeline encodes them) or as embeddings float32
+        [1, 77, D] each (precomputed, as the served pipeline's characters are)."""
         from PIL import Image  # noqa: PLC0415
 
         def on_step(pipe, step, timestep, kwargs):
@@ -89,8 +99,14 @@ class TorchBaseline:
                 progress(step + 1, pipe._num_timesteps if hasattr(pipe, "_num_timesteps") else 0)
             return kwargs
 
+        prompt, negative = prompts
+        if isinstance(prompt, str):
+            text = {"prompt": prompt, "negative_prompt": negative}
+        else:
+            text = {"prompt_embeds": self.torch.from_numpy(prompt),
+                    "negative_prompt_embeds": self.torch.from_numpy(negative)}
         out = self.pipe(
-            prompt=prompt, negative_prompt=negative_prompt, image=Image.fromarray(crop),
+            **text, image=Image.fromarray(crop),
             strength=options.strength, num_inference_steps=options.steps, guidance_scale=options.guidance,
             generator=self.torch.Generator().manual_seed(options.seed), output_type="np",
             callback_on_step_end=on_step,
@@ -107,8 +123,11 @@ class TorchBaseline:
                                                       multimask_output=True, return_logits=True)
         return masks[int(np.argmax(scores))][None, None]
 
-    def swap(self, image: bytes, click: tuple[float, float], prompt: str, negative_prompt: str,
-             options: DiffusionOptions, progress=None) -> bytes:
+    def swap(self, image: bytes, click: tuple[float, float], prompts: tuple, options: DiffusionOptions,
+             progress=None, mode: str = "seed") -> bytes:
+        """One swap in ``mode`` (:data:`MODES`); ``prompts`` as :meth:`img2img` takes them."""
+        if mode not in MODES:
+            raise ValueError(f"mode should be one of {MODES} but is {mode!r}")
         timer = self.timer
         with self.torch.no_grad():
             with timer("decode"):
@@ -118,20 +137,28 @@ class TorchBaseline:
             with timer("prepare"):
                 prepared = prepare_person(rgb, logits, points, labels)
                 public_mask(logits)
-                h, w = rgb.shape[:2]
-                whole = CropGeometry.plan((0, 0, w, h), long_side=max(h, w), multiple=C.LAMA_MODULO, upscale=False,
-                                          min_side=C.LAMA_MIN_SIDE)
-                lama_image, lama_mask = lama_inputs(rgb, prepared.hole, whole)
+                if mode == "seed":  # LaMa on the whole scene
+                    h, w = rgb.shape[:2]
+                    lama_geometry = CropGeometry.plan((0, 0, w, h), long_side=max(h, w),
+                                                      multiple=C.LAMA_MODULO, upscale=False,
+                                                      min_side=C.LAMA_MIN_SIDE)
+                    lama_image, lama_mask = lama_inputs(rgb, prepared.hole, lama_geometry)
+                else:  # the served pipeline's crop around the hole
+                    lama_geometry = prepared.lama_geometry
+                    lama_image, lama_mask = prepared.lama_image, prepared.lama_mask
             with timer("lama"):
                 inpainted = self.lama(self.torch.from_numpy(lama_image), self.torch.from_numpy(lama_mask)).numpy()
             if not prepared.found:  # a click on nothing: the photo comes back, as the served pipeline does
                 return encode_image(rgb, "png")
             with timer("diffusion"):
-                character = self.img2img(prepared.person_image, prompt, negative_prompt, options, progress)
-            silhouette = self._segment(character, box=prepared.character_box)
+                character = self.img2img(prepared.person_image, prompts, options, progress)
+            silhouette = None  # the same work as served: compose's default silhouette
+            if mode == "seed" or C.DEFAULT_SILHOUETTE == "sam":
+                silhouette = self._segment(character, box=prepared.character_box)
             with timer("compose"):
-                result, background = compose_scene(rgb, prepared.mask, prepared.hole, inpainted, whole, character,
-                                                   silhouette, prepared.person_geometry)
+                result, background = compose_scene(rgb, prepared.mask, prepared.hole, inpainted,
+                                                   lama_geometry, character, silhouette,
+                                                   prepared.person_geometry)
                 encoded = encode_image(result, "png")
                 encode_image(background, "png")
         return encoded
@@ -143,8 +170,10 @@ def load(checkpoints: Checkpoints) -> TorchBaseline:
     return TorchBaseline(checkpoints)
 
 
-def run(models, scenes, options: DiffusionOptions, runs: int, warmup: DiffusionOptions, nonce: str) -> dict:
-    """Configuration 1 on every scene: ``runs`` swaps each after one warm-up swap."""
+def run(models, scenes, options: DiffusionOptions, runs: int, warmup: DiffusionOptions, nonce: str,
+        mode: str = "seed") -> dict:
+    """Configuration 1 in ``mode`` (1a ``seed``, 1b ``same_work``) on every scene: ``runs`` swaps each after
+    one warm-up swap."""
     import resource  # noqa: PLC0415
 
     from isekai.ensemble.characters import CharacterStore  # noqa: PLC0415
@@ -156,19 +185,24 @@ def run(models, scenes, options: DiffusionOptions, runs: int, warmup: DiffusionO
     baseline = load(models.checkpoints)
     result: dict = {"load_s": time.perf_counter() - started, "scenes": {}}
     character = CharacterStore(models.repository).get(None)
-    prompts = (character.prompt, character.negative_prompt)
-    say(f"baseline: loaded in {result['load_s']:.0f} s; warm-up swap")
-    baseline.swap(scenes[0].png(f"{nonce}-warmup"), scenes[0].click, *prompts, warmup)
+    if mode == "seed":  # the pipeline encodes the prompts on every call
+        prompts = (character.prompt, character.negative_prompt)
+    else:  # the character's precomputed embeddings, as served
+        prompts = (character.embeddings[1:], character.embeddings[:1])
+    say(f"baseline ({mode}): loaded in {result['load_s']:.0f} s; warm-up swap")
+    baseline.swap(scenes[0].png(f"{nonce}-warmup"), scenes[0].click, prompts, warmup, mode=mode)
     for scene in scenes:
         e2e = []
         baseline.timer.calls.clear()  # the hooks hold this timer: clear it, never replace it
         for i in range(runs):
-            label = f"baseline {scene.name} swap {i + 1}/{runs}"
+            label = f"baseline ({mode}) {scene.name} swap {i + 1}/{runs}"
             t0 = time.perf_counter()
-            baseline.swap(scene.png(f"{nonce}-{i}"), scene.click, *prompts, options, step_progress(label))
+            baseline.swap(scene.png(f"{nonce}-{i}"), scene.click, prompts, options, step_progress(label),
+                          mode=mode)
             e2e.append(time.perf_counter() - t0)
             say(f"{label} took {e2e[-1]:.1f} s")
         result["scenes"][scene.name] = {"e2e_s": e2e, "e2e_p50_s": median(e2e),
-                                        "stages_ms": baseline.timer.per_call_ms()}
+                                        "stages_ms": baseline.timer.per_call_ms(),
+                                        "encoder_runs": len(baseline.timer.calls["sam_encoder"]) // runs}
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result

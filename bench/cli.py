@@ -1,18 +1,28 @@
-"""``python -m bench`` (``make bench``): the three configurations side by side, the goals, the levers.
+"""``python -m bench`` (``make bench``): the configurations side by side, the goals, the levers.
 
 One run, in this order, each phase in its own process (``bench/phase.py``) so only one copy of the models is in
 memory at a time:
 
 1. prepare: full-size random-weight checkpoints, exported once into ``.cache/bench`` (reused by later runs);
-2. this machine's matmul peak (again at the end; the ratio uses the higher);
-3. configuration 1, the PyTorch baseline (``bench/baseline.py``);
-4. configuration 2, the same ONNX graphs in-process with onnxruntime (``bench/inprocess.py``);
-5. configuration 3, the ``isekai`` ensemble on the embedded Triton over gRPC (``bench/served.py``), with the
+2. this machine's matmul peak (again at the end; the ratio uses the higher); 3. configuration 1a, the
+seed-style PyTorch baseline (``bench/baseline.py``: LaMa on the whole scene, SAM again
+   on the generated crop, as the original app);
+4. configuration 1b, the same-work PyTorch baseline (the served pipeline's crops and silhouette, run by
+torch); 5. configuration 2, the same ONNX graphs in-process with onnxruntime, LaMa beside the diffusion as
+served
+   (``bench/inprocess.py``);
+6. configuration 3, the ``isekai`` ensemble on the embedded Triton over gRPC (``bench/served.py``), with the
    interactive-selection rows, unet dynamic batching and a load run;
-6. the levers (``bench/levers.py``);
+7. configuration 4, the fast path: the ensemble served from a repository with MobileSAM (vit_t) and an
+LCM-LoRA
+   fused into SD (4 steps, guidance 1: the exported scheduler's defaults), swaps and clicks (skipped with a
+   note when vit_t cannot be exported by this version);
+8. the levers (``bench/levers.py``);
 
-then ``bench/results/<profile>-<sam>.md`` and ``.json``. ``--quick`` does all of it on the small test checkpoints
-in about a minute (the smoke test runs it); the full run takes hours on 2 CPU cores. It never runs in CI.
+then ``bench/results/<profile>-<sam>.md`` and ``.json``, exactly as the code wrote them: every figure the
+README's Performance section quotes is in them, labelled with the baseline it is measured against and the CPU
+(AVX-512 or not) of the phase it came from. ``--quick`` does all of it on the small test checkpoints in a few
+minutes (the smoke test runs it); the full run takes hours on 2 CPU cores. It never runs in CI.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from bench.report import write
 from bench.timing import say
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results"
-PHASES = ("baseline", "onnxruntime", "served", "levers")
+PHASES = ("baseline", "same_work", "onnxruntime", "served", "fast", "levers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-requests", type=int, default=None,
                         help="isekai_segment requests per concurrency level of the load run (default 40; --quick 8)")
     for phase in PHASES:
-        parser.add_argument(f"--skip-{phase}", action="store_true", help=f"leave out the {phase} phase")
+        parser.add_argument(f"--skip-{phase.replace('_', '-')}", action="store_true",
+                            help=f"leave out the {phase} phase")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="where checkpoints and exported graphs are made once and reused (default .cache/bench)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the .md and .json go")
@@ -68,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use this exported repository instead of making one (needs --checkpoints)")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="the checkpoints --repository was exported from (the baseline loads them)")
+    parser.add_argument("--fast-repository", type=Path, default=None,
+                        help="serve the fast path from this exported LCM repository (isekai export sd "
+                        "--lcm-lora) instead of making one with MobileSAM")
 
 
 def _machine() -> tuple[str, int]:
@@ -150,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         "output": str(args.output.resolve()), "nonce": uuid.uuid4().hex[:8], "skip_levers": args.skip_levers,
         "peak_size": 1024 if quick else 4096, "load_requests": args.load_requests or (8 if quick else 40),
         "load_concurrency": [1, 2, 4], "png_suffix": "-quick" if quick else "",
+        # The fast path: its repository's scheduler (LCM) sets steps and guidance, so the swaps leave them
+        # out.
+        "fast_options": {"strength": args.strength, "seed": args.seed},
+        "fast_warmup_options": {"strength": 1.0, "seed": args.seed},
+        "fast": {"base_repository": str(args.repository.resolve()) if args.repository else None,
+                 "checkpoints": str(args.checkpoints.resolve()) if args.checkpoints else None,
+                 "repository": str(args.fast_repository.resolve()) if args.fast_repository else None},
     }
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     say(f"{command}: {profile} models, SAM {sam}, scenes {scenes}, {runs} run(s), {steps} steps at strength "
@@ -166,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         results["onnxruntime"] = run_phase("onnxruntime", cfg, workdir, loads, args.resume)
     crop = _person_crop(results)
     cfg["latent"] = [crop[0] // C.SD_VAE_FACTOR, crop[1] // C.SD_VAE_FACTOR]
+    if not args.skip_same_work:
+        results["same_work"] = run_phase("same_work", cfg, workdir, loads, args.resume)
     if not args.skip_served:
         results["served"] = run_phase("served", cfg, workdir, loads, args.resume)
+    if not args.skip_fast:
+        results["fast"] = _fast_phase(cfg, workdir, loads, args, prepared)
     if not args.skip_levers:
         ort = results.get("onnxruntime", {}).get("scenes", {})
         cfg["dpm_s"] = {s: (v["stages_ms"].get("diffusion", 0) / 1e3 or None) for s, v in ort.items()}
@@ -178,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"] = {
         "profile": profile, "models": _models_label(quick, sam), "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine, "cores": cores, "software": _software(),
-        "settings": f"{steps} steps (DPM-Solver++ multistep; img2img runs int(steps x strength) = "
-                    f"{int(steps * args.strength)}), strength {args.strength}, guidance {args.guidance}, seed "
-                    f"{args.seed}, {runs} timed run(s) per configuration and scene after one warm-up swap",
+        "settings": f"configurations 1a-3: {steps} steps (DPM-Solver++ multistep; img2img runs int(steps x "
+                    f"strength) = {int(steps * args.strength)}), strength {args.strength}, guidance "
+                    f"{args.guidance}; configuration 4: its LCM scheduler's defaults ({C.LCM_STEPS} steps: "
+                    f"{int(C.LCM_STEPS * args.strength)} UNet calls of batch 1, guidance "
+                    f"{C.LCM_GUIDANCE:g}), strength {args.strength}; seed {args.seed}, {runs} timed run(s) "
+                    "per configuration and scene after one warm-up swap",
         "gpu": _gpu(), "load": ", ".join(loads), "scenes": [_scene_name(s) for s in scenes],
         "notes": _notes(results, prepared["clicks"]),
     }
@@ -189,6 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     say(f"wrote {md} and {js}")
     print(md.read_text())
     return 0
+
+
+def _fast_phase(cfg: dict, workdir: Path, loads: list[str], args: argparse.Namespace, prepared: dict) -> dict:
+    """Configuration 4, or the note that says why it was skipped (no MobileSAM in this version)."""
+    from bench.models import fast_sam_available  # noqa: PLC0415
+
+    if not cfg["fast"]["repository"]:
+        why = fast_sam_available(cfg["profile"])
+        if why is not None:
+            say(f"phase fast: {why}")
+            return {"skipped": why}
+    if cfg["profile"] == "quick" and not cfg["fast"]["base_repository"]:
+        cfg["fast"]["base_repository"] = prepared["repository"]
+    return run_phase("fast", cfg, workdir, loads, args.resume)
 
 
 def _peak(cfg: dict) -> dict[str, float]:

@@ -196,9 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", type=Path, default=DEFAULT_CACHE, help="where checkpoints and graphs are kept"
     )
     parser.add_argument("--output", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="an exported small-checkpoint repository to start from (default: the benchmark's quick one, "
+        "made when missing; the tests' .cache/tests/model_repository works too)",
+    )
     args = parser.parse_args(argv)
 
-    base = prepare("quick", "tiny", args.cache).repository
+    base = args.base or prepare("quick", "tiny", args.cache).repository
     sam_part = None if args.sam == "tiny" else sam_graphs(args.cache / "full", args.sam)
     workdir = args.cache / "cold-encode"
     workdir.mkdir(parents=True, exist_ok=True)

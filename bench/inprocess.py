@@ -1,4 +1,10 @@
-"""Configuration 2: the exported ONNX graphs in this process with onnxruntime (no Triton), same pipeline logic."""
+"""Configuration 2: the exported ONNX graphs in this process with onnxruntime (no Triton), same pipeline
+logic.
+
+Like the served ensemble, LaMa runs beside the diffusion (so configuration 3 against this one is like with
+like); one more swap per scene runs them one after the other, for the lever that says what the parallel
+branches buy.
+"""
 
 from __future__ import annotations
 
@@ -54,10 +60,17 @@ def run(models, scenes, options: DiffusionOptions, runs: int, warmup: DiffusionO
             if i == 0:
                 save_inputs(workdir / f"inputs-{scene.name}.npz", scene, out)
         p = out.prepared
+        label = f"onnxruntime {scene.name} sequential swap (LaMa, then the diffusion)"
+        t0 = time.perf_counter()
+        pipe.swap(scene.png(f"{nonce}-sequential"), scene.click, options, StageTimer(), step_progress(label),
+                  parallel=False)
+        sequential = time.perf_counter() - t0
+        say(f"{label} took {sequential:.1f} s")
         result["scenes"][scene.name] = {
             "e2e_s": e2e, "e2e_p50_s": median(e2e), "stages_ms": timer.per_call_ms(),
-            "mask_fraction": float(p.mask.mean()), "person_crop": list(p.person_image.shape[:2]),
-            "lama_input": list(p.lama_image.shape[2:]),
+            "sequential_e2e_s": sequential, "encoder_runs": len(timer.calls["sam_encoder"]) // runs,
+            "mask_fraction": float(p.mask.mean()),
+            "person_crop": list(p.person_image.shape[:2]), "lama_input": list(p.lama_image.shape[2:]),
         }
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result

@@ -278,7 +278,9 @@ def transfer_lever(inputs, options: DiffusionOptions, e2e_s: float | None, hidde
     lama = inputs["lama_image"].nbytes * 2 + inputs["lama_mask"].nbytes
     unet_step = (2 * 4 * lh * lw * 2 + 2 * C.SD_TOKEN_LENGTH * hidden + 2) * f32
     vae = (3 * h * w + 4 * lh * lw) * f32 * 2
-    moved = 2 * sam_call + lama + options.denoising_steps() * unet_step + vae
+    # The photo's encode, and the generated crop's with silhouette "sam".
+    sam_calls = 1 if C.DEFAULT_SILHOUETTE == "person_mask" else 2
+    moved = sam_calls * sam_call + lama + options.denoising_steps() * unet_step + vae
     buffer = np.ones(moved // 4, np.float32)
     target = np.empty_like(buffer)
     copy_s = median(time_calls(lambda: np.copyto(target, buffer), 3))
@@ -288,6 +290,23 @@ def transfer_lever(inputs, options: DiffusionOptions, e2e_s: float | None, hidde
     return Lever("IO binding / DLPack between BLS calls", f"copies of the {moved / 2**20:.0f} MiB a swap moves between "
                  "stages", "copies (now)", per_swap, "zero-copy", 0.0, "s",
                  f"not built: the copies cost {per_swap * 1e3:.0f} ms per swap{share}")
+
+
+def silhouette_lever(models, inputs, repeats: int) -> Lever:
+    """compose's silhouette: SAM on the generated crop (the second encode of a swap) against the person's own
+    mask carried into the crop (no model call). Quality is bench/silhouette.py's to measure."""
+    pipe = OnnxPipeline(models.repository, models=(C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL))
+    character = inputs["character"]
+    h, w = character.shape[:2]
+    box = np.array([0, 0, w, h], np.float32)
+    sam_s = median(time_calls(lambda: pipe.decode(pipe.encode(character), (h, w), None, None, box), repeats))
+    say(f"levers: SAM silhouette of the {h}x{w} character crop: {sam_s:.2f} s")
+    kept = C.DEFAULT_SILHOUETTE == "person_mask"
+    return Lever("compose's silhouette: person's mask vs SAM on the generated crop",
+                 f"one swap's silhouette, {h}x{w} character crop", "the person's mask (no model call)", None,
+                 "SAM encode + decode (compose parameter silhouette: sam)", sam_s, "s",
+                 "kept: the person's mask (bench/results/silhouette*.md: what random weights check)" if kept
+                 else "kept: SAM on the crop")
 
 
 def load_inputs(models, scene, workdir: Path, options: DiffusionOptions, nonce: str) -> dict:
@@ -323,4 +342,5 @@ def run(models, scenes, options: DiffusionOptions, workdir: Path, results_dir: P
     scheduler, png = scheduler_lever(pipe, crop, options, dpm_s.get(first), results_dir, png_suffix)
     rows.append(scheduler)
     rows.append(transfer_lever(crop, options, e2e_s.get(first), pipe.store.config.text_hidden_size))
+    rows.append(silhouette_lever(models, crop, max(1, repeats - 1)))
     return {"rows": [r.as_dict() for r in rows], "scheduler_png": png.name}

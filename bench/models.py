@@ -119,12 +119,13 @@ def sam_part_name(sam_type: str, rows: int = C.SAM_ATTENTION_QUERY_ROWS) -> str:
     """The graphs folder of one SAM export (see the module docstring)."""
     from isekai.export.make_sam import SAM_ENCODERS, SamEncoderConfig  # noqa: PLC0415 - torch-heavy
 
-    return f"sam_{sam_type}-rows{rows}" if isinstance(SAM_ENCODERS[sam_type], SamEncoderConfig) else f"sam_{sam_type}"
+    vit = isinstance(SAM_ENCODERS[sam_type], SamEncoderConfig)
+    return f"sam_{sam_type}-rows{rows}" if vit else f"sam_{sam_type}"
 
 
 def sam_graphs(root: Path, sam_type: str, rows: int = C.SAM_ATTENTION_QUERY_ROWS) -> Path:
-    """The exported SAM graphs of ``sam_type`` as a repository fragment under ``root/graphs``, made (with their
-    random-weight checkpoint ``root/checkpoints/sam_<type>.pth``) when missing."""
+    """The exported SAM graphs of ``sam_type`` as a repository fragment under ``root/graphs``, made (with
+    their random-weight checkpoint ``root/checkpoints/sam_<type>.pth``) when missing."""
     from isekai.export.make_sam import make_sam_checkpoint  # noqa: PLC0415
     from isekai.export.sam import export_sam  # noqa: PLC0415
 
@@ -137,8 +138,9 @@ def sam_graphs(root: Path, sam_type: str, rows: int = C.SAM_ATTENTION_QUERY_ROWS
 
 
 def segment_repository(root: Path, sam_type: str) -> Path:
-    """A Triton repository for the click path alone (``isekai_segment`` and ``sam_encoder``): every config, and only
-    ``sam_type``'s SAM graphs (made when missing). Serve it with explicit model control loading those two models."""
+    """A Triton repository for the click path alone: every config, and only ``sam_type``'s SAM graphs (made
+    when missing). Serve it with explicit model control loading ``isekai_segment`` and the models preprocess
+    calls (``sam_encoder``, ``embedding_cache``)."""
     from isekai.export.demo import copy_configs  # noqa: PLC0415
 
     repo = Path(root) / f"repository-segment-{sam_type}"
@@ -214,3 +216,76 @@ def lama_fft_onnx(models: BenchModels, cache: Path = DEFAULT_CACHE) -> Path:
                                                       models.checkpoints.lama_config, output=d / C.ONNX_FILENAME,
                                                       fft="onnx"))
     return part / C.ONNX_FILENAME
+
+
+# --- the fast path (issue 15): MobileSAM (vit_t) and an LCM-LoRA fused into SD, served
+# ---------------------------
+FAST_SAM = {"full": "vit_t", "quick": "tiny_t"}  # tiny_t: MobileSAM's TinyViT at test size
+# The published LCM-LoRA for SD 1.5 is rank 64 on every conv and linear layer it adapts; random weights of
+# that shape cost what it costs (fused, nothing per step).
+FAST_LCM_RANK = {"full": 64, "quick": 8}
+
+
+def fast_sam_available(profile: str) -> str | None:
+    """None when the fast path's SAM can be made here, else why not (the clear note the report shows)."""
+    from isekai.export.make_sam import SAM_ENCODERS  # noqa: PLC0415 - torch-heavy
+
+    sam_type = FAST_SAM[profile]
+    if sam_type not in SAM_ENCODERS:
+        return (f"skipped: SAM {sam_type} (MobileSAM) is not exportable by this version of isekai "
+                "(export/make_sam.py has no such architecture yet)")
+    return None
+
+
+def prepare_fast(profile: str, cache: Path = DEFAULT_CACHE, *, base_repository: Path | None = None,
+                 checkpoints: Path | None = None, repository: Path | None = None) -> BenchModels:
+    """The fast path's repository: SAM ``FAST_SAM[profile]``, the same LaMa, and the same SD folder exported
+    with a random LCM-LoRA-shaped LoRA fused (``isekai export sd --lcm-lora``), made once in ``cache /
+    profile``.
+
+    ``repository`` uses an exported LCM repository as it is (the smoke test passes the test suite's).
+    ``quick`` builds on ``base_repository`` (the quick repository: its LaMa) and ``checkpoints`` (its tiny SD
+    folder).
+    """
+    from isekai.export.demo import DEMO_LCM_ALPHA, build_lcm_repository, copy_configs, make_lcm_lora  # noqa: PLC0415
+    from isekai.export.sd import export_sd  # noqa: PLC0415
+
+    root = Path(cache) / profile
+    sam_type = FAST_SAM[profile]
+    if repository is not None:
+        return BenchModels(profile, "as exported", Checkpoints.in_folder(checkpoints or root, "tiny"),
+                           Path(repository), None)
+    if profile == "quick":
+        ckpt_folder = Path(checkpoints) if checkpoints else root / "checkpoints"
+        repo = build_lcm_repository(root / "repository-fast", Path(base_repository), ckpt_folder,
+                                    sam=sam_graphs(root, sam_type))
+        return BenchModels(profile, sam_type, Checkpoints.in_folder(ckpt_folder, "tiny"), repo, None)
+    from isekai.export.lama import export_lama  # noqa: PLC0415
+
+    ckpt = Checkpoints.in_folder(Path(checkpoints) if checkpoints else root / "checkpoints", sam_type)
+    graphs = root / "graphs"
+    lora = root / "checkpoints" / f"lcm-lora-sd15-rank{FAST_LCM_RANK[profile]}.safetensors"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    if not lora.exists():
+        progress(f"making a random LCM-LoRA-shaped LoRA (rank {FAST_LCM_RANK[profile]}) {lora}")
+        make_lcm_lora(ckpt.sd, lora, rank=FAST_LCM_RANK[profile], alpha=DEMO_LCM_ALPHA)
+    sam_part = sam_graphs(root, sam_type)
+    lama_part = _export_part(graphs / "lama",
+                             lambda d: export_lama(ckpt.lama_checkpoint, ckpt.lama_config, repository=d))
+    sd_part = _export_part(graphs / f"sd15-lcm-rank{FAST_LCM_RANK[profile]}",
+                           lambda d: export_sd(ckpt.sd, repository=d, lcm_lora=lora))
+    repo = root / f"repository-fast-{sam_type}"
+    copy_configs(repo)
+    for part in (sam_part, lama_part, sd_part):
+        _link_tree(part, repo)
+    return BenchModels(profile, sam_type, ckpt, repo, None)
+
+
+def fast_models(cfg: dict) -> BenchModels:
+    """The fast path's models for a phase's config (``cfg["fast"]``, written by bench.cli)."""
+    fast = cfg["fast"]
+    def path(key: str) -> Path | None:
+        return Path(fast[key]) if fast.get(key) else None
+
+    return prepare_fast(cfg["profile"], Path(cfg["cache"]), base_repository=path("base_repository"),
+                        checkpoints=path("checkpoints"), repository=path("repository"))

@@ -1,14 +1,18 @@
 """The isekai swap in one process: the exported graphs in onnxruntime, the ``ensemble/`` logic between them.
 
 This is configuration 2 of the benchmark (no Triton): the same graphs, the same session options as the served
-default profile (:func:`isekai.serving.ort_options.session_options` on each model's config parameters), and the
-same pipeline code the ``model.py`` adapters call, in the same order, so the difference to configuration 3 is
-what Triton adds (gRPC, the ensemble scheduler, BLS and the Python-backend stubs).
+default profile (:func:`isekai.serving.ort_options.session_options` on each model's config parameters), and
+the same pipeline code the ``model.py`` adapters call, in the same order, with LaMa running beside the
+diffusion as the ensemble's scheduler runs its two independent branches (``parallel``; sequential on request,
+a lever), and the character cut by the silhouette compose uses (``silhouette``: the person's mask by default).
+So the difference to configuration 3 is what Triton adds (gRPC, the ensemble scheduler, BLS and the
+Python-backend stubs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import numpy as np
 from isekai import constants as C
 from isekai.ensemble.characters import CharacterStore
 from isekai.ensemble.compose import Prepared, compose_scene, prepare_person, public_mask
-from isekai.ensemble.diffusion import DiffusionOptions, img2img
+from isekai.ensemble.diffusion import DiffusionOptions, img2img, scheduler_class
 from isekai.ensemble.images import decode_image, encode_image
 from isekai.ensemble.sam_transforms import SamTransform
 from isekai.serving.ort_options import session_options
@@ -101,16 +105,23 @@ class OnnxPipeline:
 
     def img2img(self, crop: np.ndarray, options: DiffusionOptions, timer: StageTimer,
                 scheduler_cls: type | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """The served diffusion: the repository's scheduler (pipeline.json), or ``scheduler_cls``."""
         config = self.store.config
-        extra = {} if scheduler_cls is None else {"scheduler_cls": scheduler_cls}
+        cls = scheduler_cls or scheduler_class(config.scheduler)
         return img2img(crop, self.store.get(None).embeddings, options, **self.diffusion_callables(timer),
                        scheduler_config=config.scheduler_config, scaling_factor=config.scaling_factor,
-                       progress=progress, **extra)
+                       progress=progress, scheduler_cls=cls)
 
     # -- the whole swap ----------------------------------------------------------------------------------------
     def swap(self, image: bytes, click: tuple[float, float], options: DiffusionOptions, timer: StageTimer,
-             progress: Callable[[int, int], None] | None = None) -> SwapOutput:
-        """One swap as the ``isekai`` ensemble runs it; each stage's seconds go to ``timer``."""
+             progress: Callable[[int, int], None] | None = None, *, parallel: bool = True,
+             silhouette: str = C.DEFAULT_SILHOUETTE) -> SwapOutput:
+        """One swap as the ``isekai`` ensemble runs it; each stage's seconds go to ``timer``.
+
+        ``parallel``: LaMa in a second thread beside the diffusion, as the ensemble runs them (onnxruntime
+        runs outside the GIL, each session with its own thread pool, as each served model has); else one after
+        the other. ``silhouette``: compose's source (``C.SILHOUETTE_SOURCES``): "sam" encodes the generated
+        crop."""
         with timer("decode"):
             rgb = decode_image(image)
         points, labels = np.array([click], np.float32), np.array([1], np.int32)
@@ -121,18 +132,26 @@ class OnnxPipeline:
         with timer("prepare"):
             prepared = prepare_person(rgb, masks, points, labels)
             public_mask(masks)
-        with timer("lama"):
-            inpainted = self.lama(prepared.lama_image, prepared.lama_mask)
+        with ThreadPoolExecutor(1, thread_name_prefix="lama") as pool:
+            lama = timer.wrap("lama", self.lama)
+            pending = pool.submit(lama, prepared.lama_image, prepared.lama_mask) if parallel else None
+            inpainted = None if parallel else lama(prepared.lama_image, prepared.lama_mask)
+            if prepared.found:
+                with timer("diffusion"):
+                    character = self.img2img(prepared.person_image, options, timer, progress=progress)
+            if pending is not None:
+                inpainted = pending.result()
         if not prepared.found:  # a click on nothing: the photo comes back (the served stages do the same)
             with timer("compose"):
                 encoded = encode_image(rgb, "png")
             return SwapOutput(encoded, encoded, prepared, prepared.person_image)
-        with timer("diffusion"):
-            character = self.img2img(prepared.person_image, options, timer, progress=progress)
-        with timer("sam_encoder"):
-            crop_embeddings = self.encode(character)
-        with timer("sam_decoder"):
-            logits, _, _ = self.decode(crop_embeddings, character.shape[:2], None, None, prepared.character_box)
+        logits = None  # compose's default: the person's own mask
+        if silhouette == "sam":
+            with timer("sam_encoder"):
+                crop_embeddings = self.encode(character)
+            with timer("sam_decoder"):
+                logits, _, _ = self.decode(crop_embeddings, character.shape[:2], None, None,
+                                           prepared.character_box)
         with timer("compose"):
             result, background = compose_scene(rgb, prepared.mask, prepared.hole, inpainted, prepared.lama_geometry,
                                                character, logits, prepared.person_geometry)
@@ -174,3 +193,18 @@ def person_clicks(repository: Path, scenes, cache_file: Path) -> dict[str, dict]
             f", {tried} tried)")
     cache_file.write_text(json.dumps(cached, indent=2))
     return {name: cached["scenes"][name] for name in (s.name for s in scenes)}
+
+
+def crop_sizes(repository: Path, scenes) -> dict[str, dict]:
+    """Per scene (at its click), the mask fraction and the crops this repository's SAM leads to: what the
+    diffusion and LaMa of a configuration served from ``repository`` work on (one encode per scene)."""
+    pipe = OnnxPipeline(repository, models=(C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL))
+    out = {}
+    for scene in scenes:
+        points, labels = np.array([scene.click], np.float32), np.array([1], np.int32)
+        masks, _, _ = pipe.decode(pipe.encode(scene.rgb), scene.size, points, labels)
+        p = prepare_person(scene.rgb, masks, points, labels)
+        out[scene.name] = {"found": p.found, "mask_fraction": float(p.mask.mean()),
+                           "person_crop": list(p.person_image.shape[:2]),
+                           "lama_input": list(p.lama_image.shape[2:])}
+    return out

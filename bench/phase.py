@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         result["clicks"] = person_clicks(models.repository, all_scenes(cfg["scenes"]), cache)
         if not cfg.get("skip_levers"):
             result["lama_fft_onnx"] = str(M.lama_fft_onnx(models, Path(cfg["cache"])))
-    elif name == "baseline":
+    elif name in ("baseline", "same_work"):
         from bench import baseline  # noqa: PLC0415
 
-        result = baseline.run(_models(cfg), make_scenes(cfg), options, cfg["runs"], warmup, nonce)
+        mode = "seed" if name == "baseline" else "same_work"
+        result = baseline.run(_models(cfg), make_scenes(cfg), options, cfg["runs"], warmup, nonce, mode=mode)
     elif name == "onnxruntime":
         from bench import inprocess  # noqa: PLC0415
 
@@ -64,6 +65,24 @@ def main(argv: list[str] | None = None) -> int:
             concurrent_options=cfg["concurrent_options"], load_requests=cfg["load_requests"],
             load_concurrency=tuple(cfg["load_concurrency"]), nonce=nonce,
         )
+    elif name == "fast":
+        from bench import served  # noqa: PLC0415
+        from bench.onnx_pipeline import crop_sizes, person_clicks  # noqa: PLC0415
+
+        fast = M.fast_models(cfg)
+        # Its own clicks: where this (random-weight) SAM finds someone, as the other configurations' are
+        # theirs.
+        cache = Path(cfg["cache"]) / cfg["profile"] / "clicks-fast.json"
+        clicks = person_clicks(fast.repository, all_scenes(cfg["scenes"]), cache)
+        scenes = [with_click(s, clicks[s.name]["click"]) for s in all_scenes(cfg["scenes"])]
+        crops = crop_sizes(fast.repository, scenes)
+        result = served.run(
+            fast, scenes, cfg["fast_options"], cfg["runs"],
+            log=workdir / "tritonserver-fast.log", warmup_options=cfg["fast_warmup_options"],
+            latent=tuple(cfg["latent"]), batching_repeats=cfg["repeats"], concurrent_options={},
+            load_requests=0, load_concurrency=(), nonce=nonce, swaps_and_clicks_only=True,
+        )
+        result.update(clicks=clicks, crops=crops, repository=str(fast.repository))
     elif name == "levers":
         from bench import levers  # noqa: PLC0415
 
@@ -74,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         raise SystemExit(f"unknown phase {name!r}")
+    from bench.encoder_run import machine  # noqa: PLC0415
+
+    result["machine"] = machine()  # which CPU (AVX-512 or not) this phase's figures came from
     Path(out_path).write_text(json.dumps(result, indent=2, default=float))
     return 0
 

@@ -12,21 +12,22 @@ trained ones.
 - **In-process**: each encoder graph in a fresh process with the served session options
   (``bench.encoder_run``): session creation, its first run, the median of the later runs, memory above the
   bare process.
-- **Served**: the embedded Triton on a click-path repository holding ``--served``'s graphs (``isekai_segment``
-  and ``sam_encoder`` loaded with explicit model control; LaMa and SD are not needed for a click). The very
-  first click after the server is ready (each session's first run included), then ``--clicks`` first clicks on
-  new photos (the astronaut at 512x512, new bytes each: the embedding cache misses, one SAM encode each, the
-  issue's "cold click"), then a click on a cached photo (decoder only). Triton's statistics split each click
-  into its models.
+- **Served**: the embedded Triton on a click-path repository holding ``--served``'s graphs
+  (``isekai_segment``, ``sam_encoder`` and ``embedding_cache`` loaded with explicit model control; LaMa and SD
+  are not needed for a click). The very first click after the server is ready (each session's first run
+  included), then ``--clicks`` first clicks on new photos (the astronaut at 512x512, new bytes each: the
+  embedding cache misses, one SAM encode each, the issue's "cold click"), then a click on a cached photo
+  (decoder only). Triton's statistics split each click into its models.
 
-Writes ``bench/results/sam-encoders.md`` and ``.json`` (``--quick``: ``sam-encoders-quick.*``), as the code
-wrote them.
+Writes ``bench/results/sam-encoders.md`` and ``.json`` (other ``--types``: ``sam-encoders-<types>.*``;
+``--quick``: ``sam-encoders-quick.*``), as the code wrote them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def in_process(root: Path, types: tuple[str, ...], runs: int) -> dict[str, dict]
         say(
             f"sam encoders: {sam_type}: session {r['create_s']:.2f} s, "
             f"first run {r['first_run_s']:.2f} s, later "
-            f"runs {r['run_s']:.2f} s, peak +{r['peak_bytes'] / 2**30:.2f} GiB"
+            f"runs {r['run_s']:.2f} s, peak over the runs +{r['run_peak_bytes'] / 2**30:.2f} GiB"
         )
     return out
 
@@ -73,11 +74,13 @@ def served_clicks(root: Path, sam_type: str, clicks: int, log: Path) -> dict:
         http_port=free_port(),
         metrics_port=free_port(),
         model_control="explicit",
-        load_models=(C.SEGMENT_MODEL, C.SAM_ENCODER_MODEL),
+        # preprocess calls these two through BLS (Triton loads an ensemble's own steps by itself).
+        load_models=(C.SEGMENT_MODEL, C.SAM_ENCODER_MODEL, C.EMBEDDING_CACHE_MODEL),
     )
     scene = astronaut()
     nonce = f"sam-encoders-{time.time_ns()}"
     say(f"sam encoders: serving {sam_type} from {repo} (log: {log})")
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with TritonServer(options, log_path=log) as server:
         ready_s = time.perf_counter() - started
@@ -86,15 +89,17 @@ def served_clicks(root: Path, sam_type: str, clicks: int, log: Path) -> dict:
         sampler.start()
         try:
 
-            def click(tag: str) -> dict:
-                session = served.client.segment_session(scene.png(tag))
-                seconds, delta, _ = served.timed(session.click, scene.click)
+            def timed_click(session, point) -> dict:
+                seconds, delta, _ = served.timed(session.click, point)
                 models = {
                     name: {"runs": s.inferences, "compute_ms": s.compute_ns / 1e6 / max(1, s.inferences)}
                     for name, s in delta.items()
                     if s.inferences
                 }
                 return {"s": seconds, "models": models, "session": session}
+
+            def click(tag: str) -> dict:
+                return timed_click(served.client.segment_session(scene.png(tag)), scene.click)
 
             first = click(f"{nonce}-first")
             say(f"sam encoders: first click after start {first['s']:.2f} s")
@@ -107,13 +112,13 @@ def served_clicks(root: Path, sam_type: str, clicks: int, log: Path) -> dict:
                     f"(encoder {entry['models'].get(C.SAM_ENCODER_MODEL, {}).get('compute_ms', 0):.0f} ms)"
                 )
             session = cold[-1]["session"] if cold else first["session"]
-            seconds, _, _ = served.timed(session.click, scene.more_clicks[0][:2])
-            say(f"sam encoders: a further click on the cached photo {seconds * 1e3:.0f} ms")
+            cached = timed_click(session, scene.more_clicks[0][:2])
+            say(f"sam encoders: a further click on the cached photo {cached['s'] * 1e3:.0f} ms")
         finally:
             peak = sampler.stop()
             processes = len(sampler.pids)
             served.close()
-    for entry in (first, *cold):
+    for entry in (first, *cold, cached):
         entry.pop("session")
     return {
         "type": sam_type,
@@ -121,9 +126,10 @@ def served_clicks(root: Path, sam_type: str, clicks: int, log: Path) -> dict:
         "first_click_after_start": first,
         "cold_clicks": cold,
         "cold_click_p50_s": median([c["s"] for c in cold]),
-        "cached_click_s": seconds,
+        "cached_click": cached,
         "peak_rss_bytes": peak,
         "processes": processes,
+        "loadavg": [load_before, os.getloadavg()[0]],
         "weight_bytes": sum(
             graph_bytes(repo / m / C.MODEL_VERSION / C.ONNX_FILENAME)
             for m in (C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL)
@@ -136,21 +142,32 @@ def report(result: dict) -> str:
     lines = [
         "# SAM encoders: in-process and served (issue 15)",
         "",
-        f"`{result['command']}` on {describe_machine(result['machine'])}. Random weights at full size "
-        "(the same cost as trained ones); 512x512 photo (the astronaut).",
+        f"`{result['command']}` on {describe_machine(result['machine'])}. "
+        + (
+            "Test-size encoders: a smoke check, the times mean nothing. "
+            if result["quick"]
+            else "Random weights at full size (the same cost as trained ones). "
+        )
+        + "The photo: the astronaut at 512x512.",
         "",
         "## One encode in-process (served session options, a fresh process each)",
         "",
         "| encoder | weights | session creation | first run | later runs (median) "
-        "| peak above the bare process |",
+        "| peak over the runs, above the bare process |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in result["in_process"].items():
         lines.append(
             f"| {name} | {r['weight_bytes'] / 2**20:.0f} MiB | {r['create_s']:.2f} s "
             f"| {r['first_run_s']:.2f} s "
-            f"| {r['run_s']:.2f} s ({r['runs'] - 1 or 1} run(s)) | {r['peak_bytes'] / gib:.2f} GiB |"
+            f"| {r['run_s']:.2f} s ({r['runs'] - 1 or 1} run(s)) | {r['run_peak_bytes'] / gib:.2f} GiB |"
         )
+    loads = [x for r in result["in_process"].values() for x in r["loadavg"]]
+    lines += [
+        "",
+        f"1-minute load average around these runs: {min(loads):.1f} to {max(loads):.1f} on "
+        f"{result['machine']['cores']} cores.",
+    ]
     served = result.get("served")
     if served:
         p50 = served["cold_click_p50_s"]
@@ -171,9 +188,12 @@ def report(result: dict) -> str:
             cold_row,
             f"| of which `sam_encoder` compute (median) | {median([e for e in enc if e]) or 0:.0f} ms | | |",
             f"| first click after the server is ready | {served['first_click_after_start']['s']:.2f} s | | |",
-            f"| click on the cached photo (decoder only) | {served['cached_click_s'] * 1e3:.0f} ms | | |",
+            f"| click on the cached photo (decoder only) | {served['cached_click']['s'] * 1e3:.0f} ms | | |",
             f"| server peak RSS (click path: {served['processes']} processes) vs SAM weights | "
             f"{served['peak_rss_bytes'] / gib:.2f} GiB vs {served['weight_bytes'] / gib:.2f} GiB | | |",
+            "",
+            f"1-minute load average before and after the clicks: {served['loadavg'][0]:.1f}, "
+            f"{served['loadavg'][1]:.1f}.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -210,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     served_type = args.served or ("tiny_t" if args.quick else "vit_t")
     root = args.cache / ("quick" if args.quick else "full")
     stem = "sam-encoders-quick" if args.quick else "sam-encoders"
+    if not args.quick and types != FULL_TYPES:  # a partial run never overwrites the full one's files
+        stem += "-" + "-".join(types)
     result = {
         "command": " ".join(["python -m bench.sam_encoders", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(),
+        "quick": args.quick,
         "in_process": in_process(root, types, args.runs),
     }
     if not args.skip_served:

@@ -6,7 +6,12 @@ a bounded load run (:func:`isekai.client.load.run_load`) with Triton's own queue
 the server's peak memory against the bytes of weights it loaded.
 
 Per-stage times come from Triton's statistics extension (compute time per execution); a BLS caller's time
-includes its callees', so ``compose`` (which calls SAM on the generated crop) has no per-stage row of its own here.
+includes its callees': ``diffusion`` is the whole img2img with its UNet and VAE calls, and ``compose`` is its
+own work with compose's default silhouette (the person's mask) but includes SAM's calls with silhouette "sam".
+
+The fast path (configuration 4: MobileSAM and an LCM-LoRA repository) runs the swaps and the click rows only
+(``swaps_and_clicks_only``): batching, concurrency and load describe the server, which configuration 3
+measures.
 """
 
 from __future__ import annotations
@@ -30,8 +35,16 @@ STAGE_MODELS = {
     "unet_step": C.UNET_MODEL,
     "vae_encoder": C.VAE_ENCODER_MODEL,
     "vae_decoder": C.VAE_DECODER_MODEL,
-    COMPOSE_WITH_SAM_CALLS: C.COMPOSE_MODEL,  # not compose's own time: see stage_ms
+    "diffusion": C.DIFFUSION_MODEL,  # with its BLS calls: the whole img2img
+    "compose": C.COMPOSE_MODEL,  # COMPOSE_WITH_SAM_CALLS instead when compose runs SAM (see stage_ms)
 }
+
+
+def silhouette_source(repository: Path) -> str:
+    """compose's ``silhouette`` parameter in ``repository`` (its default when the config names none)."""
+    from bench.onnx_pipeline import config_parameters  # noqa: PLC0415
+
+    return config_parameters(repository, C.COMPOSE_MODEL).get("silhouette", C.DEFAULT_SILHOUETTE)
 
 
 def _per_call_ms(delta, model: str) -> float | None:
@@ -39,14 +52,18 @@ def _per_call_ms(delta, model: str) -> float | None:
     return d.compute_ns / d.inferences / 1e6 if d is not None and d.inferences else None
 
 
-def stage_ms(delta) -> dict[str, float]:
+def stage_ms(delta, sam_in_compose: bool = False) -> dict[str, float]:
     """Per-call compute ms of each stage in one swap's statistics delta.
 
-    ``compose`` is left out: Triton counts the silhouette's SAM encoder and decoder calls inside compose's compute
-    time, and a swap's two encoder calls differ by more than compose's own work (~0.1 s), so subtracting their
-    average gave noise (1.4 s with vit_h, below zero with vit_b). Its time with those calls is kept as
-    ``compose_with_sam_calls``; the end-to-end row includes all of it."""
-    return {stage: ms for stage, model in STAGE_MODELS.items() if (ms := _per_call_ms(delta, model)) is not None}
+    With ``sam_in_compose`` (silhouette "sam"), Triton counts the silhouette's SAM encoder and decoder calls
+    inside compose's compute time, and a swap's two encoder calls differ by more than compose's own work (~0.1
+    s), so no subtraction resolves it: compose's time is kept as ``compose_with_sam_calls`` instead of
+    ``compose``."""
+    out = {stage: ms for stage, model in STAGE_MODELS.items()
+           if (ms := _per_call_ms(delta, model)) is not None}
+    if sam_in_compose and "compose" in out:
+        out[COMPOSE_WITH_SAM_CALLS] = out.pop("compose")
+    return out
 
 
 def process_memory(pid: int) -> tuple[int, int]:
@@ -166,19 +183,22 @@ class Served:
         self.raw.close()
 
 
-def swap_runs(served: Served, scene, runs: int, options: dict, nonce: str) -> dict:
+def swap_runs(served: Served, scene, runs: int, options: dict, nonce: str, sam_in_compose: bool = False
+              ) -> dict:
     """``runs`` cold swaps (new bytes each: the embedding cache misses, as for a new photo)."""
-    e2e, stages = [], {}
+    e2e, stages, encodes, steps = [], {}, [], []
     for i in range(runs):
         say(f"served {scene.name}: swap {i + 1}/{runs} (cold: new image bytes)")
         seconds, delta, _ = served.timed(served.client.swap, scene.png(f"{nonce}-cold-{i}"), [scene.click], **options)
         e2e.append(seconds)
-        for stage, ms in stage_ms(delta).items():
+        for stage, ms in stage_ms(delta, sam_in_compose).items():
             stages.setdefault(stage, []).append(ms)
-        encodes = delta[C.SAM_ENCODER_MODEL].inferences
-        say(f"served {scene.name}: swap {i + 1}/{runs} took {seconds:.1f} s ({encodes} SAM encodes, "
-            f"{delta[C.UNET_MODEL].inferences} UNet steps)")
-    return {"e2e_s": e2e, "e2e_p50_s": median(e2e), "stages_ms": {k: median(v) for k, v in stages.items()}}
+        encodes.append(delta[C.SAM_ENCODER_MODEL].inferences)
+        steps.append(delta[C.UNET_MODEL].inferences)
+        say(f"served {scene.name}: swap {i + 1}/{runs} took {seconds:.1f} s ({encodes[-1]} SAM encodes, "
+            f"{steps[-1]} UNet steps)")
+    return {"e2e_s": e2e, "e2e_p50_s": median(e2e), "stages_ms": {k: median(v) for k, v in stages.items()},
+            "encoder_runs": max(encodes), "unet_steps": max(steps)}
 
 
 def click_session(served: Served, scene, options: dict, nonce: str) -> dict:
@@ -315,7 +335,8 @@ def load_run(served: Served, scenes, concurrency: tuple[int, ...], requests: int
 
 
 def run(models, scenes, options: dict, runs: int, *, log: Path, warmup_options: dict, latent: tuple[int, int],
-        batching_repeats: int, concurrent_options: dict, load_requests: int, load_concurrency: tuple[int, ...], nonce: str) -> dict:
+        batching_repeats: int, concurrent_options: dict, load_requests: int,
+        load_concurrency: tuple[int, ...], nonce: str, swaps_and_clicks_only: bool = False) -> dict:
     from isekai.ensemble.characters import PipelineConfig  # noqa: PLC0415
     from isekai.serving.server import ServerOptions, TritonServer, free_port  # noqa: PLC0415
 
@@ -323,7 +344,8 @@ def run(models, scenes, options: dict, runs: int, *, log: Path, warmup_options: 
                          metrics_port=free_port())
     say(f"served: starting the embedded Triton on {models.repository} (log: {log})")
     started = time.perf_counter()
-    result: dict = {"scenes": {}}
+    silhouette = silhouette_source(models.repository)
+    result: dict = {"scenes": {}, "silhouette": silhouette, "sam": models.sam_type}
     with TritonServer(opts, log_path=log) as server:
         result["server_start_s"] = time.perf_counter() - started
         say(f"served: ready in {result['server_start_s']:.0f} s")
@@ -334,13 +356,18 @@ def run(models, scenes, options: dict, runs: int, *, log: Path, warmup_options: 
             say(f"served: warm-up swap ({warmup_options})")
             served.client.swap(scenes[0].png(f"{nonce}-warmup"), [scenes[0].click], **warmup_options)
             for scene in scenes:
-                entry = swap_runs(served, scene, runs, options, nonce)
+                entry = swap_runs(served, scene, runs, options, nonce, sam_in_compose=silhouette == "sam")
                 entry["clicks"] = click_session(served, scene, options, nonce)
                 result["scenes"][scene.name] = entry
-            hidden = PipelineConfig.load(models.repository).text_hidden_size
-            result["unet_batching"] = unet_batching(served, latent, hidden, batching_repeats)
-            result["concurrent_swaps"] = concurrent_swaps(served, scenes[0], concurrent_options, nonce)
-            result["load"] = load_run(served, scenes, load_concurrency, load_requests, nonce)
+            config = PipelineConfig.load(models.repository)
+            result["scheduler"] = config.scheduler
+            result["sampling"] = {"steps": options.get("steps", config.sampling_defaults[0]),
+                                  "guidance": options.get("guidance", config.sampling_defaults[1])}
+            if not swaps_and_clicks_only:
+                hidden = config.text_hidden_size
+                result["unet_batching"] = unet_batching(served, latent, hidden, batching_repeats)
+                result["concurrent_swaps"] = concurrent_swaps(served, scenes[0], concurrent_options, nonce)
+                result["load"] = load_run(served, scenes, load_concurrency, load_requests, nonce)
             result["memory"] = server_memory(server.process.pid)
             result["memory"]["pss_bytes"] = sum(process_pss(pid) for pid in sampler.pids)
         finally:

@@ -1,10 +1,10 @@
-"""What the page adds to a click: a cached ``isekai_segment`` call straight over gRPC against the same click through
-``isekai web`` (HTTP to the app, the app's gRPC call, the mask back as JSON).
+"""What the page adds to a click: a cached ``isekai_segment`` call straight over gRPC against the same click
+through ``isekai web`` (HTTP to the app, the app's gRPC call, the mask back as JSON).
 
     python -m bench.web_click [--url HOST:8001] [--clicks 40]
 
-Without ``--url`` it serves the small checkpoints (the test repository) on the embedded Triton. Prints a table;
-never runs in CI.
+Without ``--url`` it serves the small checkpoints (the test repository) on the embedded Triton. Prints a
+table; never runs in CI.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def measure(grpc_url: str, clicks: int) -> dict[str, list[float]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running isekai server's gRPC address (default: start the small one)")
     parser.add_argument("--clicks", type=int, default=40, help="clicks measured each way")
     args = parser.parse_args()

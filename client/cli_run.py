@@ -20,9 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--character", help="a registered character (default: the repository's default character)")
     parser.add_argument("--prompt", help="replace the character's prompt for this request")
     parser.add_argument("--seed", type=int, help=f"noise seed; the same seed gives the same image (default {C.DEFAULT_SEED})")
-    parser.add_argument("--steps", type=int, help=f"scheduler steps (default {C.DEFAULT_STEPS}, at most {C.MAX_STEPS})")
+    parser.add_argument(
+        "--steps", type=int,
+        help=f"scheduler steps (default: the exported scheduler's, {C.DEFAULT_STEPS} for DPM-Solver++, "
+        f"{C.LCM_STEPS} after --lcm-lora; at most {C.MAX_STEPS})",
+    )
     parser.add_argument("--strength", type=float, help=f"how far to redraw the person, (0, 1] (default {C.DEFAULT_STRENGTH})")
-    parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default {C.DEFAULT_GUIDANCE})")
+    parser.add_argument(
+        "--guidance", type=float,
+        help=f"classifier-free guidance scale (default: the exported scheduler's, {C.DEFAULT_GUIDANCE:g} for "
+        f"DPM-Solver++, {C.LCM_GUIDANCE:g} after --lcm-lora)",
+    )
     parser.add_argument(
         "--upscale", type=int, choices=C.UPSCALE_FACTORS,
         help=f"make the result this many times the photo's size with the server's Real-ESRGAN "
@@ -52,7 +60,7 @@ class ProgressBar:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = sys.stderr if stream is None else stream
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.stage = ""
 
     def update(self, stage: str, fraction: float) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -89,6 +90,20 @@ def _swap_result(out) -> SwapResult:
     )
 
 
+# isekai_stream starts an error's message with its code's name: gRPC streams carry the message, not the code.
+_STREAM_ERROR = re.compile(r"(INVALID_ARGUMENT|INTERNAL|CANCELLED|UNAVAILABLE): (.*)", re.DOTALL)
+
+
+def _stream_error(error: Exception) -> Exception:
+    """A stream's error with the status its message names (as a unary call's error would carry it)."""
+    from tritonclient.utils import InferenceServerException  # noqa: PLC0415 - tritonclient's own error type
+
+    match = _STREAM_ERROR.fullmatch(getattr(error, "message", lambda: "")() or "")
+    if match is None or getattr(error, "status", lambda: None)() is not None:
+        return error
+    return InferenceServerException(msg=match.group(2), status=f"StatusCode.{match.group(1)}")
+
+
 class SwapStream:
     """An ``isekai_stream`` request on its own gRPC stream: iterate it for :class:`SwapProgress` events, then one
     :class:`SwapResult`.
@@ -133,7 +148,7 @@ class SwapStream:
                 self._close(cancel=False)
                 if self.cancelled:
                     return
-                raise error
+                raise _stream_error(error)
             response = result.get_response()
             final = response.parameters["triton_final_response"].bool_param
             names = {o.name for o in response.outputs}

@@ -5,11 +5,12 @@
 
     <repository>/diffusion/
         pipeline.json           format (2), scaling_factor (the VAE's config value), scheduler_config (the model
-                                folder's scheduler/scheduler_config.json, verbatim), text_hidden_size D, token_length
-                                (77), default_character, fingerprints (per component), base_fingerprint,
-                                unet_config (the base UNet's architecture), lora_targets, scheduler (the
-                                diffusers class the loop runs: DPMSolverMultistepScheduler, or LCMScheduler after
-                                --lcm-lora), fused_lora (a LoRA fused into the base UNet's weights, or absent)
+                                folder's scheduler/scheduler_config.json, verbatim), text_hidden_size D,
+                                token_length (77), default_character, fingerprints (per component),
+                                base_fingerprint, unet_config (the base UNet's architecture), lora_targets,
+                                scheduler (the diffusers class the loop runs: DPMSolverMultistepScheduler, or
+                                LCMScheduler after --lcm-lora), fused_lora (a LoRA fused into the base UNet's
+                                weights, or absent)
         fused_lora/             that LoRA as it was given (full fine-tunes registered later get it fused too)
         tokenizer/              the model folder's CLIP tokenizer files, for prompt overrides
         characters/<NAME>/

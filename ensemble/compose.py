@@ -151,28 +151,54 @@ def compose(
     return paste(background, character, geometry, alpha=M.feather(silhouette, feather))
 
 
-def character_silhouette(silhouette_logits: np.ndarray, person_mask: np.ndarray, geometry: CropGeometry
-                         ) -> np.ndarray:
-    """The character's mask in its crop: SAM's logits thresholded and cleaned; if SAM found nothing there, the
-    person's own mask moved into the crop (so the person is still replaced, in their own shape).
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks of one shape (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def character_silhouette(
+    silhouette_logits: np.ndarray | None,
+    person_mask: np.ndarray,
+    geometry: CropGeometry,
+    min_iou: float = C.SILHOUETTE_MIN_IOU,
+) -> np.ndarray:
+    """The character's mask in its crop.
+
+    Without ``silhouette_logits`` (the default ``silhouette`` source, ``person_mask``): the person's own mask
+    moved into the crop. img2img redraws the person where they stood, so the character keeps their outline up
+    to what the redraw moves, and no second SAM encode is paid (``bench/silhouette.py`` measures both). With
+    SAM's logits on the generated crop (source ``sam``): those thresholded and cleaned, kept only when they
+    overlap the person's mask by at least ``min_iou`` (the redraw of a person at img2img strength keeps most
+    of its shape, so a silhouette that does not is SAM missing the character); otherwise the person's mask.
 
     Args:
         silhouette_logits: float ``[1, 1, h, w]`` (or ``[h, w]``) SAM on the generated crop, prompted by
-            :attr:`Prepared.character_box`.
+            :attr:`Prepared.character_box`; or None.
         person_mask: bool ``[H, W]`` the person in the scene.
+        min_iou: the overlap with the person's mask below which SAM's silhouette is not trusted.
     Returns:
         bool ``[h, w]``.
     """
+    carried = geometry.extract_mask(person_mask)
+    # Mirrored into the padding as the crop's pixels are, so the feather does not fade the character where it
+    # meets the edge of the photo (paste() drops the padding).
+    work = carried[: geometry.work_h, : geometry.work_w]
+    pad = ((0, geometry.out_h - geometry.work_h), (0, geometry.out_w - geometry.work_w))
+    carried = np.pad(work, pad, mode="symmetric")
+    if silhouette_logits is None:
+        return carried
     logits = M.as_2d(silhouette_logits, "silhouette_logits")
     if logits.shape != (geometry.out_h, geometry.out_w):
-        raise ValueError(f"silhouette_logits must be [1, 1, {geometry.out_h}, {geometry.out_w}] like the character "
-                         f"crop but has shape {np.shape(silhouette_logits)}")
+        raise ValueError(f"silhouette_logits must be [1, 1, {geometry.out_h}, {geometry.out_w}] like the "
+                         f"character crop but has shape {np.shape(silhouette_logits)}")
     # The mirrored padding keeps its share of the silhouette, so the feather does not fade the character out
     # where it meets the edge of the photo; paste() drops the padding.
     silhouette = M.clean(M.binarize(logits))
-    if M.person_found(silhouette[: geometry.work_h, : geometry.work_w]):
+    inside = (slice(0, geometry.work_h), slice(0, geometry.work_w))
+    if M.person_found(silhouette[inside]) and mask_iou(silhouette[inside], carried[inside]) >= min_iou:
         return silhouette
-    return geometry.extract_mask(person_mask)
+    return carried
 
 
 def compose_scene(
@@ -182,7 +208,7 @@ def compose_scene(
     inpainted: np.ndarray,
     lama_geometry: CropGeometry,
     character: np.ndarray,
-    silhouette_logits: np.ndarray,
+    silhouette_logits: np.ndarray | None,
     person_geometry: CropGeometry,
     *,
     feather: float = C.COMPOSE_FEATHER_PX,
@@ -195,7 +221,8 @@ def compose_scene(
         hole: bool ``[H, W]`` :attr:`Prepared.hole`.
         inpainted: LaMa's output float32 ``[1, 3, h, w]`` in 0..1 (``lama_geometry``'s frame).
         character: uint8 ``[h, w, 3]`` the diffusion's output (``person_geometry``'s frame).
-        silhouette_logits: float ``[1, 1, h, w]`` SAM on ``character`` prompted by the character box.
+        silhouette_logits: float ``[1, 1, h, w]`` SAM on ``character`` prompted by the character box, or None
+            for the person's own mask (:func:`character_silhouette`).
     """
     mask_2d = M.as_2d(mask, "mask").astype(bool)
     if not mask_2d.any():

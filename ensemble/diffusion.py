@@ -11,12 +11,13 @@ The model callables, all float32 and NCHW:
 - ``vae_encode(sample [B,3,H,W] in -1..1) -> latent_mean [B,4,H/8,W/8]`` (unscaled mean of the latent
   distribution);
 - ``unet(sample [B,4,h,w], timestep [B] float32, encoder_hidden_states [B,77,D]) -> noise [B,4,h,w]``: B is 2
-  (negative, prompt: classifier-free guidance) when guidance > 1, else 1 (the prompt alone, as diffusers does);
+  (negative, prompt: classifier-free guidance) when guidance > 1, else 1 (the prompt alone, as diffusers
+  does);
 - ``vae_decode(latent_sample [B,4,h,w], divided by the scaling factor) -> sample [B,3,8h,8w] in ~-1..1``.
 
-The scheduler is diffusers' own class, named by the exported pipeline (``pipeline.json``: DPM-Solver++ multistep, or
-``LCMScheduler`` for an LCM-LoRA export); a request's ``steps`` and ``guidance`` default to that scheduler's
-(:data:`isekai.constants.SCHEDULER_DEFAULTS`).
+The scheduler is diffusers' own class, named by the exported pipeline (``pipeline.json``: DPM-Solver++
+multistep, or ``LCMScheduler`` for an LCM-LoRA export); a request's ``steps`` and ``guidance`` default to that
+scheduler's (:data:`isekai.constants.SCHEDULER_DEFAULTS`).
 
 torch is used only for the scheduler arithmetic and the seeded noise (diffusers' schedulers work on tensors).
 """
@@ -41,12 +42,13 @@ VaeDecode = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, int], None]
 StepLatents = Callable[[int, int, np.ndarray], None]
 
-# The schedulers an exported pipeline may name (pipeline.json "scheduler"): diffusers' classes, never restated here.
+# The schedulers an exported pipeline may name (pipeline.json "scheduler"): diffusers' classes, never restated
+# here.
 SCHEDULERS: dict[str, type] = {C.DPM_SCHEDULER: DPMSolverMultistepScheduler, C.LCM_SCHEDULER: LCMScheduler}
 
 
 def scheduler_class(name: str) -> type:
-    """The diffusers scheduler class ``name`` (one of :data:`SCHEDULERS`), or ValueError naming the allowed ones."""
+    """The diffusers scheduler class ``name`` (one of :data:`SCHEDULERS`); else ValueError naming those."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler should be one of {sorted(SCHEDULERS)} but is {name!r}")
     return SCHEDULERS[name]
@@ -57,8 +59,9 @@ class DiffusionOptions:
     """A request's sampling options; defaults and limits come from :mod:`isekai.constants`.
 
     ``strength`` is how much of the noise schedule is re-run over the input (1.0 ignores the input's content):
-    ``int(steps * strength)`` denoising steps run, as in diffusers' img2img. ``steps`` and ``guidance`` left at
-    None take the scheduler's defaults (:meth:`resolved`; img2img resolves them with the scheduler it runs).
+    ``int(steps * strength)`` denoising steps run, as in diffusers' img2img. ``steps`` and ``guidance`` left
+    at None take the scheduler's defaults (:meth:`resolved`; img2img resolves them with the scheduler it
+    runs).
     """
 
     steps: int | None = None
@@ -97,8 +100,9 @@ class DiffusionOptions:
     def denoising_steps(self) -> int:
         """How many steps of a ``steps``-step schedule run: its last ``int(steps * strength)``.
 
-        That is the number of UNet calls for first-order schedulers (DPM-Solver++, LCM, DDIM, Euler); PNDM adds one
-        warm-up call and second-order ones (Heun) call twice per step. Needs ``steps`` set (see :meth:`resolved`)."""
+        That is the number of UNet calls for first-order schedulers (DPM-Solver++, LCM, DDIM, Euler); PNDM
+        adds one warm-up call and second-order ones (Heun) call twice per step. Needs ``steps`` set (see
+        :meth:`resolved`)."""
         if self.steps is None:
             raise ValueError("steps is unset: resolve the options with the scheduler's defaults first")
         return min(int(self.steps * self.strength), int(self.steps))
@@ -160,10 +164,10 @@ def _retrieve_timesteps(scheduler: Any, options: DiffusionOptions) -> torch.Tens
 
 
 def _prepare_latents(
-    image: np.ndarray, scheduler: Any, timesteps: torch.Tensor, generator: torch.Generator, vae_encode: VaeEncode,
-    scaling_factor: float,
+    image: np.ndarray, scheduler: Any, timesteps: torch.Tensor, generator: torch.Generator,
+    vae_encode: VaeEncode, scaling_factor: float,
 ) -> torch.Tensor:
-    """Step 3: the image's latent mean, scaled, with noise from ``generator`` added at the first kept timestep."""
+    """Step 3: the image's latent mean, scaled, with noise from ``generator`` added at the first kept step."""
     h, w = image.shape[:2]
     # diffusers' VaeImageProcessor: /255 to 0..1, then 2x-1 to -1..1.
     sample = (image.astype(np.float32) / 255.0 * 2.0 - 1.0).transpose(2, 0, 1)[None]
@@ -181,11 +185,12 @@ def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
 
 def _denoise(
     latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, embeddings: np.ndarray, guidance: float,
-    unet: UNet, progress: Progress | None, generator: torch.Generator, step_latents: StepLatents | None = None,
+    unet: UNet, progress: Progress | None, generator: torch.Generator,
+    step_latents: StepLatents | None = None,
 ) -> torch.Tensor:
     """Step 4: one UNet call per step, then a scheduler step. Guidance above 1: one batch-2 call on [negative,
-    prompt] (classifier-free guidance); guidance 1: one batch-1 call on the prompt (the guided prediction is the
-    prompt's alone, so the negative's half would be computed and thrown away)."""
+    prompt] (classifier-free guidance); guidance 1: one batch-1 call on the prompt (the guided prediction is
+    the prompt's alone, so the negative's half would be computed and thrown away)."""
     guided = guidance > 1.0
     hidden = np.ascontiguousarray(embeddings if guided else embeddings[1:], dtype=np.float32)
     rows = hidden.shape[0]
@@ -243,12 +248,13 @@ def img2img(
         scheduler_config: a diffusers scheduler config (the model folder's scheduler_config.json).
         scaling_factor: the VAE's latent scaling factor (``vae.config.scaling_factor``).
         scheduler_cls: the diffusers scheduler class, built fresh from ``scheduler_config`` for this call
-            (default DPM-Solver++ multistep; LCM, PNDM, Euler, ... work the same way; the exported pipeline names
-            its own: :func:`scheduler_class` of ``PipelineConfig.scheduler``).
+            (default DPM-Solver++ multistep; LCM, PNDM, Euler, ... work the same way; the exported pipeline
+            names its own: :func:`scheduler_class` of ``PipelineConfig.scheduler``).
         progress: called as ``progress(step, total)`` after each denoising step; an exception it raises ends
             the loop there (how a cancelled request stops its UNet calls).
         step_latents: called as ``step_latents(step, total, latents)`` after each denoising step, before
-            ``progress``, with the current latents float32 [1, 4, H/8, W/8] (scaled, still noisy; read-only use).
+            ``progress``, with the current latents float32 [1, 4, H/8, W/8] (scaled, still noisy; read-only
+            use).
 
     Returns:
         uint8 [H, W, 3] RGB.

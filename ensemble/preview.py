@@ -1,8 +1,8 @@
 """A cheap look at the character while it is drawn: Stable Diffusion latents mapped to RGB by a linear map.
 
-No VAE call: each latent cell becomes one pixel, ``rgb = latents^T @ SD_LATENT_RGB_FACTORS`` (the map previews in
-the field use for SD 1.x), so a 512x384 crop (64x48 latents) previews as a 64x48 PNG of a few KB. It shows the
-colours and the layout settling, not details; a viewer scales it up.
+No VAE call: each latent cell becomes one pixel, ``rgb = latents^T @ SD_LATENT_RGB_FACTORS`` (the map previews
+in the field use for SD 1.x), so a 512x384 crop (64x48 latents) previews as a 64x48 PNG of a few KB. It shows
+the colours and the layout settling, not details; a viewer scales it up.
 """
 
 from __future__ import annotations
@@ -45,5 +45,6 @@ def preview_png(latents: np.ndarray) -> bytes:
 
 
 def is_preview_step(step: int, total: int, every: int = C.STREAM_PREVIEW_EVERY) -> bool:
-    """Whether denoising step ``step`` (1-based, of ``total``) sends a preview: every ``every`` steps and the last."""
+    """Whether denoising step ``step`` (1-based, of ``total``) sends a preview: every ``every`` steps and the
+    last."""
     return step == total or (every > 0 and step % every == 0)

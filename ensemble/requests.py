@@ -23,7 +23,7 @@ import numpy as np
 
 from isekai import constants as C
 from isekai.ensemble.cache import image_key
-from isekai.ensemble.images import decode_image, normalize_format
+from isekai.ensemble.images import decode_image, normalize_format, probe_image
 from isekai.ensemble.upscale import check_upscale_size
 
 _NUMERIC_KINDS = "iuf"
@@ -115,6 +115,30 @@ def validate_segment(image: Any, points: Any, labels: Any, box: Any = None, mask
     return SegmentRequest(rgb, image_key(data), check_inside(clicks, rgb.shape[:2]), low_res)
 
 
+def precheck_swap(
+    image: Any,
+    points: Any,
+    labels: Any,
+    box: Any = None,
+    mask_input: Any = None,
+    **options: Any,
+) -> SwapOptions:
+    """:func:`validate_swap`'s checks that need no pixels: the options, ``mask_input``, the clicks, and the
+    image's header (format, bytes, size, orientation; :func:`probe_image`) with the clicks inside it and the
+    result's size.
+
+    Cheap enough to run before a request is accepted (``isekai_stream`` answers a bad request with one error
+    and nothing before it); a file whose pixels fail to decode passes here and is refused by the full
+    validation."""
+    parsed = validate_options(**options)
+    validate_mask_input(mask_input)
+    clicks = click_arrays(points, labels, box)
+    size = probe_image(image_bytes(image))
+    check_inside(clicks, size)
+    check_result_size(parsed, size)
+    return parsed
+
+
 # -- the parts, usable on their own by a stage that only sees some inputs --------------------------------------
 def validate_clicks(points: Any, labels: Any, box: Any, image_size: tuple[int, int]) -> Clicks:
     """:func:`click_arrays` then :func:`check_inside` for an image of ``(H, W)``."""
@@ -199,12 +223,13 @@ def validate_options(
     strength_v = _real("strength", strength, C.DEFAULT_STRENGTH)
     if not 0.0 < strength_v <= 1.0:
         raise ValueError(f"strength must be in (0, 1] but is {strength_v}")
-    # Left out, steps and guidance stay unset: the diffusion model fills in its scheduler's defaults (and checks
-    # steps * strength against them).
+    # Left out, steps and guidance stay unset: the diffusion model fills in its scheduler's defaults (and
+    # checks steps * strength against them).
     steps_v = _integer("steps", steps, C.STEPS_UNSET)
     if _one("steps", steps) is not None and not 1 <= steps_v <= C.MAX_STEPS:
         raise ValueError(f"steps must be in [1, {C.MAX_STEPS}] but is {steps_v}")
-    if steps_v != C.STEPS_UNSET and int(steps_v * strength_v) < 1:  # int(steps * strength) steps run: zero = noise
+    # img2img runs int(steps * strength) steps: zero would return noise.
+    if steps_v != C.STEPS_UNSET and int(steps_v * strength_v) < 1:
         raise ValueError(f"steps * strength must be >= 1 (img2img runs int(steps * strength) steps) but is "
                          f"{steps_v} * {strength_v}")
     guidance_v = _real("guidance", guidance, C.GUIDANCE_UNSET)

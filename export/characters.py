@@ -193,7 +193,8 @@ def add_full_character(
     if models.unet is not None and sd.architecture(models.unet.config) != dict(base.config.unet_config):
         raise ValueError(f"{folder}: its UNet's architecture differs from the exported base model's (another SD "
                          "version?); a full fine-tune must keep the base's layers")
-    if models.unet is not None and base.config.fused_lora:  # an LCM repository: its UNet gets the LCM-LoRA too
+    # An LCM repository: the fine-tune's own UNet gets the LCM-LoRA fused too, as the base's did.
+    if models.unet is not None and base.config.fused_lora:
         from isekai.export import fused_lora  # noqa: PLC0415
 
         fused_lora.fuse_stored(repository, base.config.fused_lora, models.unet, models.text_encoder)
@@ -332,8 +333,8 @@ def _train(args: argparse.Namespace) -> int:
     check_prompts(args.prompt, args.negative_prompt)
     base = Base.load(repository)
     parts = sd.fingerprints(sd.check_sd_folder(args.base))
-    # The folder's own weights (an LCM repository also fused its LCM-LoRA into the exported UNet: a LoRA trained on
-    # the plain base is what it stacks with).
+    # The folder's own weights (an LCM repository also fused its LCM-LoRA into the exported UNet: a LoRA
+    # trained on the plain base is what it stacks with).
     if any(parts[p] != base.config.fingerprints.get(p) for p in ("tokenizer", "text_encoder", "unet")):
         raise ValueError(f"{args.base} is not the base model exported in {repository}: a LoRA trained on it would "
                          "be drawn by another UNet (give --base the folder the repository was exported from)")

@@ -7,7 +7,7 @@ import importlib
 
 # exporter -> module with add_arguments(parser) and main(args) -> int
 EXPORTERS = {
-    "sam": ("isekai.export.sam", "SAM .pth (vit_h/vit_l/vit_b, MobileSAM vit_t) -> sam_encoder + sam_decoder"),
+    "sam": ("isekai.export.sam", "SAM .pth (vit_h/l/b, MobileSAM vit_t) -> sam_encoder + sam_decoder"),
     "lama": ("isekai.export.lama", "big-lama best.ckpt + config.yaml -> lama"),
     "esrgan": ("isekai.export.esrgan", "Real-ESRGAN .pth/.safetensors (RRDBNet x4/x2/x1) -> upscale"),
     "sd": ("isekai.export.sd", "diffusers SD 1.x folder -> text_encoder, unet, vae_encoder, vae_decoder (+ character)"),

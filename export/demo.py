@@ -26,8 +26,9 @@ DEMO_LORA_PROMPT = "a photo of sks girl, anime style"
 # The upscale graph: a tiny x4 RRDBNet (every part of RealESRGAN_x4plus, fewer and narrower), in the official format.
 DEMO_ESRGAN_VARIANT = "tiny"
 DEMO_ESRGAN_CHECKPOINT = "RealESRGAN_tiny.pth"
-# The LCM twin of the demo repository (tests, bench --quick): the demo's SD folder with a random LoRA shaped like the
-# published LCM-LoRA fused in, sampled by diffusers' LCMScheduler. Rank 8 on the tiny UNet; scale alpha / rank = 0.5.
+# The LCM twin of the demo repository (tests, bench --quick): the demo's SD folder with a random LoRA shaped
+# like the published LCM-LoRA fused in, sampled by diffusers' LCMScheduler. Rank 8 on the tiny UNet; scale
+# alpha / rank = 0.5.
 DEMO_LCM_LORA = "lcm-lora-tiny.safetensors"
 DEMO_LCM_RANK = 8
 DEMO_LCM_ALPHA = 4.0
@@ -117,7 +118,7 @@ def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = 
 
 
 def lcm_lora_factors(unet, rank: int = DEMO_LCM_RANK, seed: int = 5) -> dict:
-    """Random (down, up) factors on the layers of ``unet`` (a torch UNet) that the published LCM-LoRA adapts."""
+    """Random (down, up) factors on the layers of ``unet`` (torch) that the published LCM-LoRA adapts."""
     from isekai.export import lora_slots  # noqa: PLC0415
     from isekai.export.make_lora import layer_shapes, lcm_lora_layers, random_factors  # noqa: PLC0415
 
@@ -125,7 +126,9 @@ def lcm_lora_factors(unet, rank: int = DEMO_LCM_RANK, seed: int = 5) -> dict:
     return random_factors(layer_shapes(unet, paths), rank=rank, seed=seed, strength=1.0)
 
 
-def make_lcm_lora(sd_folder: Path, path: Path, rank: int = DEMO_LCM_RANK, alpha: float = DEMO_LCM_ALPHA) -> Path:
+def make_lcm_lora(
+    sd_folder: Path, path: Path, rank: int = DEMO_LCM_RANK, alpha: float = DEMO_LCM_ALPHA
+) -> Path:
     """Write a random LCM-LoRA-shaped LoRA for the SD folder's UNet in kohya's layout with ``.alpha`` (as
     latent-consistency/lcm-lora-sdv1-5 ships it): random weights, the real format and layers."""
     from diffusers import UNet2DConditionModel  # noqa: PLC0415
@@ -151,9 +154,10 @@ def link_models(source: Path, destination: Path, models: tuple[str, ...]) -> Non
 
 
 def build_lcm_repository(repository: Path, base: Path, checkpoints: Path, *, sam: Path | None = None) -> Path:
-    """The demo repository's LCM twin: ``base``'s (a built demo repository) SAM, LaMa and upscale graphs (SAM from
-    the repository ``sam`` instead, e.g. a vit_t export), and the demo's SD folder (under ``checkpoints``) exported
-    with a random LCM-LoRA fused (:data:`DEMO_LCM_LORA`). Re-running skips what exists."""
+    """The demo repository's LCM twin: ``base``'s (a built demo repository) SAM, LaMa and upscale graphs (SAM
+    from the repository ``sam`` instead, e.g. a vit_t export), and the demo's SD folder (under
+    ``checkpoints``) exported with a random LCM-LoRA fused (:data:`DEMO_LCM_LORA`). Re-running skips what
+    exists."""
     from isekai.export.sd import export_sd  # noqa: PLC0415
 
     repository, base, checkpoints = Path(repository), Path(base), Path(checkpoints)

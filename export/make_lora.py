@@ -20,8 +20,8 @@ from isekai.export.lora_slots import SlotShape
 LAYOUTS = ("diffusers", "diffusers-processors", "peft", "kohya")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # The UNet modules the LCM-LoRA adapts (diffusers' train_lcm_distill_lora_sd.py target_modules, which made
-# latent-consistency/lcm-lora-sdv1-5): attention, the transformer blocks' projections and feed-forward, and the
-# resnets' convolutions, time projections and the resamplers; not conv_in/conv_out or the time embedding.
+# latent-consistency/lcm-lora-sdv1-5): attention, the transformer blocks' projections and feed-forward, and
+# the resnets' convolutions, time projections and the resamplers; not conv_in/conv_out or the time embedding.
 LCM_LORA_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                     "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
@@ -118,8 +118,8 @@ def write_lora(
 
 
 def layer_shapes(module, paths) -> dict[str, SlotShape]:
-    """The :class:`SlotShape` of each Linear / Conv2d at ``paths`` in a torch ``module`` (a LoRA made before the base
-    is exported, e.g. an LCM-LoRA to fuse)."""
+    """The :class:`SlotShape` of each Linear / Conv2d at ``paths`` in a torch ``module`` (a LoRA made before
+    the base is exported, e.g. an LCM-LoRA to fuse)."""
     import torch  # noqa: PLC0415
 
     out = {}
@@ -135,7 +135,7 @@ def layer_shapes(module, paths) -> dict[str, SlotShape]:
 
 
 def lcm_lora_layers(paths) -> list[str]:
-    """The paths among a UNet's layer ``paths`` that the published LCM-LoRA adapts (:data:`LCM_LORA_TARGETS`)."""
+    """The UNet layer ``paths`` that the published LCM-LoRA adapts (:data:`LCM_LORA_TARGETS`)."""
     return [p for p in paths if any(p == t or p.endswith("." + t) for t in LCM_LORA_TARGETS)]
 
 

@@ -7,9 +7,9 @@ and saves it the same way, so the exporter reads ours and the official ones thro
 full prompt encoder and mask decoder) but shrinks the image encoder so tests run in seconds on a CPU;
 ``vit_b``/``vit_l``/``vit_h`` are full size, for benchmarks (random weights cost the same to run).
 
-``vit_t`` is MobileSAM (``mobile_sam.pt``): the same ``Sam`` with :class:`~isekai.export.tinyvit.TinyViT` as its
-image encoder, in the same on-disk format (``image_encoder.`` keys are TinyViT's, the rest are SAM's). ``tiny_t`` is
-its test-size twin.
+``vit_t`` is MobileSAM (``mobile_sam.pt``): the same ``Sam`` with :class:`~isekai.export.tinyvit.TinyViT` as
+its image encoder, in the same on-disk format (``image_encoder.`` keys are TinyViT's, the rest are SAM's).
+``tiny_t`` is its test-size twin.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class SamEncoderConfig:
 EncoderConfig = SamEncoderConfig | TinyViTConfig
 
 # The official architectures, as in segment_anything.build_sam.build_sam_vit_{h,l,b} and MobileSAM's
-# mobile_sam.build_sam.build_sam_vit_t (whose head and window lists also name the conv stage: [2, 4, 5, 10] and
-# [7, 7, 14, 7]; see isekai.export.tinyvit).
+# mobile_sam.build_sam.build_sam_vit_t (whose head and window lists also name the conv stage: [2, 4, 5, 10]
+# and [7, 7, 14, 7]; see isekai.export.tinyvit).
 SAM_ENCODERS: dict[str, EncoderConfig] = {
     "vit_h": SamEncoderConfig(1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": SamEncoderConfig(1024, 24, 16, (5, 11, 17, 23)),
@@ -57,9 +57,10 @@ SAM_ENCODERS: dict[str, EncoderConfig] = {
                            window_sizes=(7, 14, 7)),
     # Test-size encoder: one windowed and one global block, two heads of 32 channels.
     "tiny": SamEncoderConfig(64, 2, 2, (1,)),
-    # Test-size TinyViT: every kind of part (zero-padded windows: 7 at 128 tokens, 14 and 7 at 64; the merge that
-    # keeps the resolution; two blocks in a stage), narrow and shallow. The last width stays 320: MobileSAM's own code
-    # keeps the 64x64 resolution only for last widths 320/448/576, and the tests compare against it.
+    # Test-size TinyViT: every kind of part (zero-padded windows: 7 at 128 tokens, 14 and 7 at 64; the merge
+    # that keeps the resolution; two blocks in a stage), narrow and shallow. The last width stays 320:
+    # MobileSAM's own code keeps the 64x64 resolution only for last widths 320/448/576, and the tests compare
+    # against it.
     "tiny_t": TinyViTConfig(embed_dims=(16, 32, 64, 320), depths=(1, 1, 2, 1), num_heads=(1, 2, 5),
                             window_sizes=(7, 14, 7), mlp_ratio=2.0),
 }
@@ -69,17 +70,19 @@ OFFICIAL_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t")
 # ones/zeros for LayerNorm) are jittered by this much, so a random checkpoint exercises every path of the
 # graph: with zero relative positions, a wrong rel-pos export would still pass parity.
 _CONSTANT_INIT_JITTER = 0.02
-# TinyViT's attention biases start at zero and are of order one once trained (they are added to scaled scores):
-# jittered by 0.02 they would barely move the softmax, so a wrong offset table could pass. Drawn from N(0, 1).
+# TinyViT's attention biases start at zero and are of order one once trained (they are added to scaled
+# scores): jittered by 0.02 they would barely move the softmax, so a wrong offset table could pass. Drawn from
+# N(0, 1).
 _ORDER_ONE_PARAMETERS = ("attn.attention_biases",)
 
 
 def build_sam_for(config: EncoderConfig) -> Sam:
     """An untrained ``Sam`` with the image encoder ``config`` describes, in eval mode.
 
-    segment-anything's own builder makes the prompt encoder and mask decoder (the same in every SAM, MobileSAM's
-    included: its ``build_sam_vit_t`` repeats the same arguments); for a TinyViT, the builder's ViT is then replaced
-    by :class:`TinyViT` (the builder is given the test-size ViT to build, so the replaced one costs nothing).
+    segment-anything's own builder makes the prompt encoder and mask decoder (the same in every SAM,
+    MobileSAM's included: its ``build_sam_vit_t`` repeats the same arguments); for a TinyViT, the builder's
+    ViT is then replaced by :class:`TinyViT` (the builder is given the test-size ViT, so the replaced one
+    costs nothing).
     """
     vit = config if isinstance(config, SamEncoderConfig) else SAM_ENCODERS["tiny"]
     sam = build_sam_from_encoder_config(

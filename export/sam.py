@@ -1,7 +1,7 @@
 """SAM checkpoint (.pth) -> ``sam_encoder`` and ``sam_decoder`` ONNX graphs, with a parity run.
 
-``load_sam`` reads the official ``sam_vit_{h,l,b}_*.pth`` files and MobileSAM's ``mobile_sam.pt`` (``vit_t``: a
-TinyViT image encoder, :mod:`isekai.export.tinyvit`), all plain state dicts, and our small ones from
+``load_sam`` reads the official ``sam_vit_{h,l,b}_*.pth`` files and MobileSAM's ``mobile_sam.pt`` (``vit_t``:
+a TinyViT image encoder, :mod:`isekai.export.tinyvit`), all plain state dicts, and our small ones from
 :mod:`isekai.export.make_sam`, and can tell the architecture from the tensors themselves.
 
 The two graphs:
@@ -14,7 +14,7 @@ The two graphs:
   the 1024 frame, ``orig_im_size`` = (H, W) of the original photo; ``masks`` are logits at H x W.
 
 ``python -m isekai.cli export sam --checkpoint sam_vit_h_4b8939.pth --repository model_repository``
-``python -m isekai.cli export sam --checkpoint mobile_sam.pt --model-type vit_t --repository model_repository``
+``python -m isekai.cli export sam --checkpoint mobile_sam.pt --model-type vit_t --repository DIR``
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ SAM_DECODER_SPEC = GraphSpec(
     bounds={"N": (1, SAM_MAX_PROMPT_POINTS)},
 )
 
-# The tensor every ViT SAM checkpoint has, and MobileSAM's (TinyViT) counterpart; with neither, the file holds some
-# other model.
+# The tensor every ViT SAM checkpoint has, and MobileSAM's (TinyViT) counterpart; with neither, the file holds
+# some other model.
 _PATCH_EMBED_KEY = "image_encoder.patch_embed.proj.weight"
 _TINYVIT_KEY = f"image_encoder.{TINYVIT_MARKER}"
 _BLOCK_PREFIX = "image_encoder.blocks."
@@ -104,7 +104,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise SamCheckpointError(f"SAM checkpoint {path} does not exist or is not a file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling arbitrary bytes fails with arbitrary exception types
+    except Exception as err:  # unpickling arbitrary bytes fails with arbitrary exception types
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SamCheckpointError(
             f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True failed: "
@@ -137,7 +137,9 @@ def infer_encoder_config(
         try:
             return infer_tinyvit_config(state)
         except ValueError as err:
-            raise SamCheckpointError(f"{path}: a MobileSAM (TinyViT) checkpoint that does not fit: {err}") from err
+            raise SamCheckpointError(
+                f"{path}: a MobileSAM (TinyViT) checkpoint that does not fit: {err}"
+            ) from err
     embed_dim = int(state[_PATCH_EMBED_KEY].shape[0])
     block_keys = (k.removeprefix(_BLOCK_PREFIX) for k in state if k.startswith(_BLOCK_PREFIX))
     blocks = sorted({int(k.split(".")[0]) for k in block_keys})
@@ -170,7 +172,8 @@ def load_sam(checkpoint: str | Path, model_type: str = "auto") -> Sam:
     """A ``Sam`` in eval mode with the checkpoint's weights.
 
     ``model_type`` "auto" builds whatever encoder the file holds; "vit_h"/"vit_l"/"vit_b"/"vit_t" (or "tiny",
-    "tiny_t") insist on that architecture and raise :class:`SamCheckpointError` naming the file when it differs.
+    "tiny_t") insist on that architecture and raise :class:`SamCheckpointError` naming the file when it
+    differs.
     """
     path = Path(checkpoint)
     if model_type != "auto" and model_type not in SAM_ENCODERS:
@@ -209,7 +212,7 @@ class SamDecoderGraph(SamOnnxModel):
     def __init__(self, model: Sam) -> None:
         super().__init__(model, return_single_mask=True)
 
-    def forward(  # noqa: PLR0913 - segment-anything's decoder interface
+    def forward(  # segment-anything's decoder interface
         self,
         image_embeddings: torch.Tensor,
         point_coords: torch.Tensor,
@@ -322,8 +325,10 @@ def export_sam(
 
     with blocked_global_attention(sam.image_encoder, attention_rows) as changed:
         if changed:
-            progress(f"{C.SAM_ENCODER_MODEL}: {changed} global-attention blocks exported {attention_rows} query "
-                     f"rows at a time")
+            progress(
+                f"{C.SAM_ENCODER_MODEL}: {changed} global-attention blocks exported "
+                f"{attention_rows} query rows at a time"
+            )
         export_onnx(sam.image_encoder, SAM_ENCODER_SPEC, encoder_sample(), enc_path)
     # Example: one click plus the padding point on a portrait photo. N and orig_im_size stay symbolic.
     export_onnx(SamDecoderGraph(sam), SAM_DECODER_SPEC, decoder_sample((1280, 720), (1.0, -1.0)), dec_path)
@@ -331,8 +336,9 @@ def export_sam(
 
     progress("parity: onnxruntime against PyTorch on random inputs")
     # Encoder: its output ends in a LayerNorm (values of order 1); float32 kernels that reorder the sums
-    # of 12-32 attention blocks (or TinyViT's 10) drift by ~1e-5 per block, so 1e-3 absolute is two orders above
-    # that noise and far below any real mistake. The module here has segment-anything's own attention back.
+    # of 12-32 attention blocks (or TinyViT's 10) drift by ~1e-5 per block, so 1e-3 absolute is two orders
+    # above that noise and far below any real mistake. The module here has segment-anything's own attention
+    # back.
     encoder = check_parity(sam.image_encoder, enc_path, encoder_sample(seed=1), SAM_ENCODER_SPEC, atol=1e-3)
     # Decoder: checked against segment-anything's own SamOnnxModel (not our wrapper), at another aspect ratio
     # and point count than the export example, so a size baked into the graph would fail here. Logits reach
@@ -354,19 +360,19 @@ def export_sam(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", type=Path, required=True,
-        help="SAM .pth checkpoint: an official sam_vit_{h,l,b}_*.pth, MobileSAM's mobile_sam.pt, or one made by "
-        "`isekai export demo`",
+        help="SAM .pth checkpoint: an official sam_vit_{h,l,b}_*.pth, MobileSAM's mobile_sam.pt, or one made "
+        "by `isekai export demo`",
     )
     parser.add_argument(
         "--model-type", choices=MODEL_TYPES, default="auto",
-        help="encoder architecture (vit_t: MobileSAM); 'auto' (default) reads it from the checkpoint, a named type "
-        "is checked",
+        help="encoder architecture (vit_t: MobileSAM); 'auto' (default) reads it from the checkpoint, a "
+        "named type is checked",
     )
     parser.add_argument(
         "--attention-rows", type=int, default=C.SAM_ATTENTION_QUERY_ROWS,
-        help=f"query rows of the {C.SAM_EMBEDDING_SIZE}x{C.SAM_EMBEDDING_SIZE} token map per block of a ViT's "
-        f"global attention (default {C.SAM_ATTENTION_QUERY_ROWS}; {C.SAM_EMBEDDING_SIZE}: the whole score matrix "
-        "at once, as segment-anything computes it)",
+        help=f"query rows of the {C.SAM_EMBEDDING_SIZE}x{C.SAM_EMBEDDING_SIZE} token map per block of a "
+        f"ViT's global attention (default {C.SAM_ATTENTION_QUERY_ROWS}; {C.SAM_EMBEDDING_SIZE}: the whole "
+        "score matrix at once, as segment-anything computes it)",
     )
     parser.add_argument(
         "--repository", type=Path, default=None,
@@ -388,7 +394,9 @@ def main(args: argparse.Namespace) -> int:
         if args.repository is None and (args.encoder_output is None or args.decoder_output is None):
             raise ValueError("give --repository DIR, or both --encoder-output FILE and --decoder-output FILE")
         if not 1 <= args.attention_rows <= C.SAM_EMBEDDING_SIZE:
-            raise ValueError(f"--attention-rows should be in [1, {C.SAM_EMBEDDING_SIZE}] but is {args.attention_rows}")
+            raise ValueError(
+                f"--attention-rows should be in [1, {C.SAM_EMBEDDING_SIZE}] but is {args.attention_rows}"
+            )
         reports = export_sam(
             args.checkpoint, args.model_type, args.repository, args.encoder_output, args.decoder_output,
             args.attention_rows,

@@ -14,8 +14,8 @@ Graphs (names from :mod:`isekai.constants`; float32, NCHW; B and the sides dynam
   [B, 3, 8h, 8w] in about -1..1.
 
 The UNet and the text encoder also carry LoRA slots (:mod:`isekai.export.lora_slots`): optional inputs with a
-rank-0 default, so characters' LoRA adapters run on the one base graph. ``--lcm-lora FILE`` fuses the LCM-LoRA into
-the UNet's base weights first (:mod:`isekai.export.fused_lora`) and makes the pipeline run diffusers'
+rank-0 default, so characters' LoRA adapters run on the one base graph. ``--lcm-lora FILE`` fuses the LCM-LoRA
+into the UNet's base weights first (:mod:`isekai.export.fused_lora`) and makes the pipeline run diffusers'
 ``LCMScheduler`` (4 steps, guidance 1 by default).
 
 Each export ends with onnxruntime parity runs, on the traced shapes and on another batch and size (and, for the
@@ -287,8 +287,9 @@ def fingerprints(folder: str | Path) -> dict[str, str]:
 
 
 def base_fingerprint(parts: Mapping[str, str]) -> str:
-    """The base model's identity for characters: what their embeddings and adapters depend on, and the LoRA fused
-    into the exported UNet (``parts["fused_lora"]``), if any: it changes what every character is drawn with."""
+    """The base model's identity for characters: what their embeddings and adapters depend on, and the LoRA
+    fused into the exported UNet (``parts["fused_lora"]``), if any: it changes what every character is drawn
+    with."""
     keys = ("tokenizer", "text_encoder", "unet") + (("fused_lora",) if parts.get("fused_lora") else ())
     return hashlib.sha256(json.dumps([parts[p] for p in keys]).encode()).hexdigest()
 
@@ -482,15 +483,15 @@ def export_sd(
 ) -> dict[str, ParityReport]:
     """Export text_encoder, unet, vae_encoder, vae_decoder; check each against PyTorch; register a character.
 
-    With ``repository`` the graphs go to ``<repository>/<model>/1/model.onnx`` and a character is registered as the
-    repository's default: ``character`` with ``prompt``, or, without ``character``,
-    :data:`constants.DEFAULT_CHARACTER` with a generic anime prompt. Characters registered on another base model
-    before are reported (they are refused until registered again). With ``output_dir`` the graphs go to
-    ``<output_dir>/<model>.onnx`` and no character is registered. The UNet and text encoder carry LoRA slots for
-    ``lora_targets`` (see :mod:`isekai.export.lora_slots`). With ``lcm_lora`` (an LCM-LoRA file or folder, any
-    layout :mod:`isekai.export.lora_formats` reads) the LoRA is fused into the UNet's weights before export and the
-    repository's pipeline runs diffusers' ``LCMScheduler`` (:mod:`isekai.export.fused_lora`). Returns each graph's
-    parity on the inputs it was not traced with.
+    With ``repository`` the graphs go to ``<repository>/<model>/1/model.onnx`` and a character is registered
+    as the repository's default: ``character`` with ``prompt``, or, without ``character``,
+    :data:`constants.DEFAULT_CHARACTER` with a generic anime prompt. Characters registered on another base
+    model before are reported (they are refused until registered again). With ``output_dir`` the graphs go to
+    ``<output_dir>/<model>.onnx`` and no character is registered. The UNet and text encoder carry LoRA slots
+    for ``lora_targets`` (see :mod:`isekai.export.lora_slots`). With ``lcm_lora`` (an LCM-LoRA file or folder,
+    any layout :mod:`isekai.export.lora_formats` reads) the LoRA is fused into the UNet's weights before
+    export and the repository's pipeline runs diffusers' ``LCMScheduler`` (:mod:`isekai.export.fused_lora`).
+    Returns each graph's parity on the inputs it was not traced with.
     """
     if (repository is None) == (output_dir is None):
         raise ValueError("give exactly one of repository (a Triton repository) or output_dir")
@@ -506,7 +507,8 @@ def export_sd(
         fused = fused_lora.read_unet_lora(lcm_lora, models.unet, models.text_encoder)
         fused_lora.fuse(models.unet, fused)
         ranks = "/".join(map(str, sorted({layer.rank for layer in fused.unet.values()})))
-        progress(f"unet: {Path(lcm_lora).name} ({fused.layout}, rank {ranks}) fused into {len(fused.unet)} layers")
+        progress(f"unet: {Path(lcm_lora).name} ({fused.layout}, rank {ranks}) fused into {len(fused.unet)} "
+                 "layers")
     destinations = {
         model: destination(model, repository, Path(output_dir) / f"{model}.onnx" if output_dir else None)
         for model in SD_MODELS
@@ -563,10 +565,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--lcm-lora", type=Path, default=None,
-        help="an LCM-LoRA for SD 1.5 (e.g. latent-consistency/lcm-lora-sdv1-5's pytorch_lora_weights.safetensors: "
-        "kohya or diffusers layout): fused into the UNet's weights before export; the pipeline then samples with "
-        f"diffusers' LCMScheduler ({C.LCM_STEPS} steps, guidance {C.LCM_GUIDANCE:g} by default). Characters' LoRAs "
-        "still apply on top",
+        help="an LCM-LoRA for SD 1.5 (e.g. latent-consistency/lcm-lora-sdv1-5's "
+        "pytorch_lora_weights.safetensors: kohya or diffusers layout): fused into the UNet's weights before "
+        f"export; the pipeline then samples with diffusers' LCMScheduler ({C.LCM_STEPS} steps, guidance "
+        f"{C.LCM_GUIDANCE:g} by default). Characters' LoRAs still apply on top",
     )
     parser.add_argument(
         "--lora-targets", default=C.DEFAULT_LORA_TARGETS, choices=C.LORA_TARGET_FAMILIES,

@@ -13,7 +13,8 @@ from __future__ import annotations
 ENSEMBLE_MODEL = "isekai"
 SEGMENT_MODEL = "isekai_segment"
 CHARACTERS_MODEL = "isekai_characters"  # the registered characters as JSON, for clients
-# The decoupled twin of ENSEMBLE_MODEL: the same inputs, progress responses, then the same outputs (gRPC streaming).
+# The decoupled twin of ENSEMBLE_MODEL: the same inputs, progress responses, then the same outputs (gRPC
+# streaming).
 STREAM_MODEL = "isekai_stream"
 
 PREPROCESS_MODEL = "preprocess"
@@ -90,9 +91,9 @@ SAM_LOW_RES_SIZE = 256
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 SAM_MASK_THRESHOLD = 0.0
-# The SAM encoder's global attention is exported 8 query rows of the 64x64 map at a time (512 queries against all
-# 4096 keys): vit_h's score buffers shrink from 1 GiB to 128 MiB each, same numbers (export/sam_attention.py).
-# 64 (the whole map at once) exports segment-anything's attention unchanged.
+# The SAM encoder's global attention is exported 8 query rows of the 64x64 map at a time (512 queries against
+# all 4096 keys): vit_h's score buffers shrink from 1 GiB to 128 MiB each, same numbers
+# (export/sam_attention.py). 64 (the whole map at once) exports segment-anything's attention unchanged.
 SAM_ATTENTION_QUERY_ROWS = 8
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,9 +109,10 @@ LAMA_MODULO = 8  # LaMa needs H and W divisible by this
 # Request defaults (documented in the README; optional inputs fall back to these).
 # ---------------------------------------------------------------------------------------------------------
 DEFAULT_CHARACTER = "default"
-# steps and guidance follow the scheduler the repository was exported with (diffusion/pipeline.json "scheduler"):
-# DPM-Solver++ multistep by default, diffusers' LCMScheduler after `isekai export sd --lcm-lora` (few-step
-# latent-consistency sampling: 4 steps, guidance 1 = the prompt's prediction alone, one batch-1 UNet call per step).
+# steps and guidance follow the scheduler the repository was exported with (diffusion/pipeline.json
+# "scheduler"): DPM-Solver++ multistep by default, diffusers' LCMScheduler after `isekai export sd --lcm-lora`
+# (few-step latent-consistency sampling: 4 steps, guidance 1 = the prompt's prediction alone, one batch-1 UNet
+# call per step).
 DPM_SCHEDULER = "DPMSolverMultistepScheduler"
 LCM_SCHEDULER = "LCMScheduler"
 DEFAULT_SCHEDULER = DPM_SCHEDULER
@@ -119,9 +121,13 @@ DEFAULT_GUIDANCE = 7.5
 LCM_STEPS = 4
 LCM_GUIDANCE = 1.0
 # scheduler class name -> (steps, guidance) a request gets when it leaves them out.
-SCHEDULER_DEFAULTS = {DPM_SCHEDULER: (DEFAULT_STEPS, DEFAULT_GUIDANCE), LCM_SCHEDULER: (LCM_STEPS, LCM_GUIDANCE)}
-# What travels between preprocess and diffusion for an option the request left out: the diffusion model, which knows
-# the exported scheduler, fills in that scheduler's default (an explicit 0 is refused by the validators).
+SCHEDULER_DEFAULTS = {
+    DPM_SCHEDULER: (DEFAULT_STEPS, DEFAULT_GUIDANCE),
+    LCM_SCHEDULER: (LCM_STEPS, LCM_GUIDANCE),
+}
+# What travels between preprocess and diffusion for an option the request left out: the diffusion model, which
+# knows the exported scheduler, fills in that scheduler's default (an explicit 0 is refused by the
+# validators).
 STEPS_UNSET = 0
 GUIDANCE_UNSET = 0.0
 DEFAULT_STRENGTH = 0.75
@@ -194,12 +200,12 @@ PYTHON_STUB_NAME = "triton_python_backend_stub"
 # preprocess would tie every click to the one instance a new photo's encode is blocking).
 EMBEDDING_CACHE_MODEL = "embedding_cache"
 # How long one BLS call may go unanswered when the request set no timeout of its own (seconds; isekai/serving/
-# triton.py). Above the longest call seen on CPU (a vit_h encode waiting behind another: ~45 s; a UNet call behind
-# another request's steps: ~25 s), so only a stuck model reaches it.
+# triton.py). Above the longest call seen on CPU (a vit_h encode waiting behind another: ~45 s; a UNet call
+# behind another request's steps: ~25 s), so only a stuck model reaches it.
 BLS_TIMEOUT_S = 300.0
 # The request parameter a caller of sam_encoder sets to the graph identity it keys the embedding with
-# (ensemble/cache.py: graph_identity); the default profile's adapter refuses the request when it serves another graph
-# (re-exported, not yet reloaded), and the refusal's message carries GRAPH_MISMATCH.
+# (ensemble/cache.py: graph_identity); the default profile's adapter refuses the request when it serves
+# another graph (re-exported, not yet reloaded), and the refusal's message carries GRAPH_MISMATCH.
 GRAPH_PARAMETER = "isekai_graph"
 GRAPH_MISMATCH = "serves another graph than its repository holds"
 
@@ -240,6 +246,15 @@ PERSON_CROP_MARGIN_MIN_PX = 8
 PERSON_CROP_MIN_ASPECT = 0.75
 # Feather of the character's silhouette, in pixels of the SD crop (so it scales with the person, not the photo).
 COMPOSE_FEATHER_PX = 4.0
+# Where compose's silhouette of the generated character comes from (compose/config.pbtxt parameter
+# "silhouette"): the person's own mask carried into the crop (no SAM call), or SAM run again on the generated
+# crop, prompted by the person's box. bench/silhouette.py measures both; the person's mask holds up on every
+# check random weights allow, and saves a SAM encode per swap.
+SILHOUETTE_SOURCES = ("person_mask", "sam")
+DEFAULT_SILHOUETTE = "person_mask"
+# A SAM silhouette overlapping the person's mask less than this (IoU) is SAM missing the character: the
+# person's mask is used instead (img2img redraws the person where they stood).
+SILHOUETTE_MIN_IOU = 0.5
 # When no person is found the stages still run (an ensemble cannot skip a step): on inputs this small.
 PLACEHOLDER_SIDE = 64
 # Character names (the character store looks them up; this keeps paths and odd bytes out of it).
@@ -303,27 +318,30 @@ UPSCALE_PROBE_SIDE = 4
 # ---------------------------------------------------------------------------------------------------------
 # isekai_stream (model_repository/isekai_stream, isekai/serving/ensemble_steps.py, ensemble/preview.py).
 # ---------------------------------------------------------------------------------------------------------
-# The stage a stream reports before its swap starts (waiting for a worker) and with its last data response; the
-# stages in between are the isekai ensemble's step models, in the order its config wires them.
+# The stage a stream reports before its swap starts (waiting for a worker) and with its last data response;
+# the stages in between are the isekai ensemble's step models, in the order its config wires them.
 STREAM_STAGE_QUEUED = "queued"
 STREAM_STAGE_DONE = "done"
-# What each ensemble step costs, in UNet steps (for the progress fraction; rough, from bench/results on CPU): the
-# diffusion step costs this plus one per denoising step. A step not listed costs 1.
+# What each ensemble step costs, in UNet steps (for the progress fraction; rough, from bench/results on CPU):
+# the diffusion step costs this plus one per denoising step. A step not listed costs 1.
 STREAM_STAGE_COST = {
     PREPROCESS_MODEL: 2.0,  # a SAM encode when the photo is not cached
     SAM_DECODER_MODEL: 0.1,
     PREPARE_MODEL: 0.1,
     LAMA_MODEL: 1.0,
     DIFFUSION_MODEL: 2.0,  # VAE encode and decode
-    COMPOSE_MODEL: 2.0,  # a SAM encode of the character's crop
+    COMPOSE_MODEL: 0.2,  # masks and a paste (with silhouette "sam" also a SAM encode of the character's crop)
     FINISH_MODEL: 0.2,
 }
 # A preview of the character (latents mapped to RGB) every this many denoising steps, and after the last one.
 STREAM_PREVIEW_EVERY = 2
 # Swaps one isekai_stream instance runs at once (its config's max_concurrent_swaps); more wait as "queued".
 STREAM_MAX_CONCURRENT = 2
-# Stable Diffusion 1.x latents (scaled, [4]) -> RGB in about -1..1: a linear map fitted to the VAE's decoder (the
-# factors ComfyUI previews SD 1.5 with). Rows: latent channels; columns: R, G, B.
+# Swaps that may wait for one of those at once; one more is refused at once with UNAVAILABLE "Exceeds maximum
+# queue size" (Triton's words for a full queue, which clients read as "busy, retry later").
+STREAM_MAX_WAITING = 2
+# Stable Diffusion 1.x latents (scaled, [4]) -> RGB in about -1..1: a linear map fitted to the VAE's decoder
+# (the factors ComfyUI previews SD 1.5 with). Rows: latent channels; columns: R, G, B.
 SD_LATENT_RGB_FACTORS = (
     (0.3512, 0.2297, 0.3227),
     (0.3250, 0.4974, 0.2350),
@@ -332,47 +350,52 @@ SD_LATENT_RGB_FACTORS = (
 )
 
 # ---------------------------------------------------------------------------------------------------------
-# The page (isekai web, client/web/): a client of Triton like the CLI, holding each visitor's photo and result.
+# The page (isekai web, client/web/): a client of Triton like the CLI, holding each visitor's photo and
+# result.
 # ---------------------------------------------------------------------------------------------------------
 DEFAULT_WEB_HOST = "127.0.0.1"
 DEFAULT_WEB_PORT = 7860
-# Visitors' sessions kept at once (least recently used out first), and the bytes of photos and results they may
-# hold together: a visitor whose session was dropped is asked to upload the photo again.
+# Visitors' sessions kept at once (least recently used out first), and the bytes of photos and results they
+# may hold together: a visitor whose session was dropped is asked to upload the photo again.
 WEB_MAX_SESSIONS = 64
 WEB_MAX_SESSION_BYTES = 512 * 1024 * 1024
 
 # ---------------------------------------------------------------------------------------------------------
 # Load shedding (model_repository/*/config.pbtxt, isekai/client/client.py).
 # ---------------------------------------------------------------------------------------------------------
-# The queue of each step of the public ensembles holds at most this many requests (config.pbtxt:
-# dynamic_batching { default_queue_policy { max_queue_size ... } }); one more is refused at once with UNAVAILABLE
-# "Exceeds maximum queue size", so a swap beyond what the cores can take fails in seconds instead of waiting
-# minutes, and the requests held in the server (and their images) stay bounded. A request whose client set a timeout
-# is also refused from a queue it has waited in that long ("Request timeout expired"). Sized by what one waiting
-# request costs the ones behind it: a click ~50 ms, a swap on CPU minutes.
+# The queue of these steps of the public ensembles holds at most this many requests (config.pbtxt:
+# dynamic_batching { default_queue_policy { max_queue_size ... } }); one more is refused at once with
+# UNAVAILABLE "Exceeds maximum queue size" instead of waiting, and the requests held there (and their images)
+# stay bounded. A request whose client set a timeout is also refused from a queue it has waited in that long
+# ("Request timeout expired").
 SEGMENT_MASK_MODEL = "segment_mask"  # isekai_segment's last step
+# Not diffusion and lama: Triton 2.51 schedules them together (both read only prepare's tensors), and its ensemble
+# scheduler mishandles a step refused beside another (core PR #466, fixed in 2026): the swap never finishes and a
+# freed request tracker is used again, which hung the whole server in a 10x overload test here. Their queues stay
+# unbounded until the server is upgraded; the steps before and after them, each scheduled alone, are bounded.
 STEP_QUEUE_SIZES = {
     PREPROCESS_MODEL: 16,
     SAM_DECODER_MODEL: 16,
     SEGMENT_MASK_MODEL: 16,
     PREPARE_MODEL: 8,
-    LAMA_MODEL: 4,
-    DIFFUSION_MODEL: 2,
-    COMPOSE_MODEL: 4,
-    FINISH_MODEL: 4,
+    COMPOSE_MODEL: 8,
+    FINISH_MODEL: 8,
 }
-# What a client treats as "busy, retry later" (isekai/client/client.py): Triton's own words for a full queue and for
-# a request that waited past its timeout, both with status UNAVAILABLE.
+# Steps of the public ensembles that Triton 2.51 schedules beside another, so they must never refuse a request.
+UNBOUNDED_STEPS = (LAMA_MODEL, DIFFUSION_MODEL)
+# What a client treats as "busy, retry later" (isekai/client/client.py): Triton's own words for a full queue
+# and for a request that waited past its timeout, both with status UNAVAILABLE.
 BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
-# IsekaiClient's retries of a refused request (an idempotent one: the same seed gives the same bytes): at most this
-# many tries, waiting 1, 2, 4, ... s (with jitter, at most RETRY_MAX_DELAY_S) between them.
+# IsekaiClient's retries of a refused request (an idempotent one: the same seed gives the same bytes): at most
+# this many tries, waiting 1, 2, 4, ... s (with jitter, at most RETRY_MAX_DELAY_S) between them.
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 1.0
 RETRY_MAX_DELAY_S = 10.0
-# A client's own deadline comes this long after the one it tells the server (seconds): the server's error, which
-# names the stage that ran out of time, arrives before the client gives up with a bare DEADLINE_EXCEEDED.
+# A client's own deadline comes this long after the one it tells the server (seconds): the server's error,
+# which names the stage that ran out of time, arrives before the client gives up with a bare
+# DEADLINE_EXCEEDED.
 CLIENT_DEADLINE_MARGIN_S = 5.0
-# Requests waiting in a step's queue longer than this are refused (UNAVAILABLE "Request timeout expired"; config:
-# default_queue_policy default_timeout_microseconds). A backstop above any wait the bounded queues allow; a client's
-# shorter timeout (its request's ``timeout`` parameter) takes its place.
+# Requests waiting in a step's queue longer than this are refused (UNAVAILABLE "Request timeout expired";
+# config: default_queue_policy default_timeout_microseconds). A backstop above any wait the bounded queues
+# allow; a client's shorter timeout (its request's ``timeout`` parameter) takes its place.
 QUEUE_TIMEOUT_S = 600

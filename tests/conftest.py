@@ -24,9 +24,10 @@ def demo_repository() -> Path:
 
 @pytest.fixture(scope="session")
 def lcm_repository(demo_repository: Path) -> Path:
-    """The demo repository's LCM twin: its SAM, LaMa and upscale graphs, and its tiny SD exported with a random
-    LCM-LoRA-shaped LoRA fused (``isekai export sd --lcm-lora``); the LoRA file lies in the demo's checkpoints."""
-    from isekai.export.demo import build_lcm_repository
+    """The demo repository's LCM twin: its SAM, LaMa and upscale graphs, and its tiny SD exported with a
+    random LCM-LoRA-shaped LoRA fused (``isekai export sd --lcm-lora``); the LoRA file lies in the demo's
+    checkpoints."""
+    from isekai.export.demo import build_lcm_repository  # noqa: PLC0415 - torch-heavy, only when asked
 
     return build_lcm_repository(CACHE / "lcm_repository", demo_repository, CACHE / "checkpoints")
 

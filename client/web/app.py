@@ -1,22 +1,24 @@
 """The page's server: one static page and a small JSON API in front of Triton, over gRPC with tritonclient.
 
-It holds no model (it could run on another machine than Triton): a click is one ``isekai_segment`` call, Generate is
-one ``isekai_stream`` call whose progress is passed on to the browser as it comes (NDJSON), and the characters come
-from ``isekai_characters``. What it keeps per visitor is in :mod:`isekai.client.web.sessions`.
+It holds no model (it could run on another machine than Triton): a click is one ``isekai_segment`` call,
+Generate is one ``isekai_stream`` call whose progress is passed on to the browser as it comes (NDJSON), and
+the characters come from ``isekai_characters``. What it keeps per visitor is in
+:mod:`isekai.client.web.sessions`.
 
-API (all under ``/api``; errors are ``{"error": "a readable sentence"}`` with a 4xx/5xx status, never a trace):
+API (all under ``/api``; errors are ``{"error": "a readable sentence"}`` with a 4xx/5xx status, never a
+trace):
 
 | call | body | answer |
 | --- | --- | --- |
 | ``GET config`` | | characters, the option limits, sample names, the server's address |
 | ``POST session`` | | ``{"session"}``: an id for one visitor's tab |
-| ``POST s/ID/photo`` | the image file's bytes | ``{"width", "height", "name"}`` (checked and decoded as Triton will) |
+| ``POST s/ID/photo`` | the file's bytes | ``{"width", "height", "name"}`` (decoded as Triton will) |
 | ``POST s/ID/sample/NAME`` | | the same, for a sample photo |
 | ``GET s/ID/photo.png`` | | the photo as the clicks see it (EXIF rotation applied) |
 | ``POST s/ID/click`` | ``{"x", "y", "positive"}`` | ``{"mask": base64 PNG, "score", "ms"}`` |
 | ``POST s/ID/box`` | ``{"box": [x0, y0, x1, y1]}`` | the same |
 | ``POST s/ID/clear`` | | ``{}``: the clicks and box forgotten |
-| ``POST s/ID/generate`` | ``{"character", "steps", "strength", "seed", "upscale"}`` | NDJSON: ``{"stage", "progress", "preview"?}`` lines, then ``{"done": true, ...}`` or ``{"error"}`` |
+| ``POST s/ID/generate`` | ``{"character", "steps", "strength", "seed", "upscale"}`` | NDJSON lines (below) |
 | ``POST s/ID/cancel`` | | ``{}``: the running Generate stopped on the server |
 | ``GET s/ID/result.png`` | | the result (``?download=1``: as an attachment) |
 """
@@ -73,8 +75,9 @@ def readable(err: BaseException, url: str) -> PageError:
     message = getattr(err, "message", lambda: None)() or str(err)
     if status == "StatusCode.INVALID_ARGUMENT":
         return PageError(f"The server refused the request: {message}", 400)
-    if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") or isinstance(err, ConnectionError):
-        return PageError(f"The isekai server at {url} cannot be reached. Is it running? ({status or err})", 503)
+    if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") or isinstance(err, OSError):
+        return PageError(f"The isekai server at {url} cannot be reached. Is it running? ({status or err})",
+                         503)
     if status == "StatusCode.NOT_FOUND" or "unknown model" in message.lower():
         return PageError(f"The server at {url} does not serve isekai's models: {message}", 503)
     log.error("request failed: %r", err, exc_info=(type(err), err, err.__traceback__))
@@ -82,7 +85,8 @@ def readable(err: BaseException, url: str) -> PageError:
 
 
 def decode_photo(data: bytes, name: str) -> Photo:
-    """Check and decode an upload as Triton will (same limits, same EXIF rotation): the page shows that picture."""
+    """Check and decode an upload as Triton will (same limits, same EXIF rotation): the page shows that
+    picture."""
     from PIL import Image  # noqa: PLC0415
 
     from isekai.ensemble.images import decode_image  # noqa: PLC0415
@@ -128,7 +132,7 @@ def _number(body: dict, name: str, kind: type, lo: float, hi: float) -> Any:
 
 
 def create_app(url: str, *, timeout_s: float = 600.0) -> FastAPI:
-    """The page and its API, talking to Triton's gRPC endpoint(s) at ``url`` (as :class:`IsekaiClient` takes)."""
+    """The page and its API, talking to Triton's gRPC endpoint(s) at ``url`` (as IsekaiClient takes it)."""
     client = IsekaiClient(url, timeout_s=timeout_s)
 
     @asynccontextmanager
@@ -152,7 +156,8 @@ def create_app(url: str, *, timeout_s: float = 600.0) -> FastAPI:
     def session(session_id: str) -> Session:
         found = sessions.get(session_id)
         if found is None:
-            raise PageError("This page's session has expired (the server restarted or was busy): reload the page "
+            raise PageError("This page's session has expired (the server restarted or was busy): reload the "
+                            "page "
                             "and upload the photo again.", 404)
         return found
 
@@ -304,7 +309,8 @@ def create_app(url: str, *, timeout_s: float = 600.0) -> FastAPI:
         name = Path(s.photo.name if s.photo else "photo").stem or "photo"
         disposition = "attachment" if download else "inline"
         return Response(s.result, media_type="image/png", headers={
-            "Content-Disposition": f'{disposition}; filename="{name}.isekai.png"', "Cache-Control": "no-store"})
+            "Content-Disposition": f'{disposition}; filename="{name}.isekai.png"',
+            "Cache-Control": "no-store"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -1,4 +1,5 @@
-"""``isekai web --url HOST:8001 [--host 127.0.0.1 --port 7860]``: the page, in front of a running isekai server."""
+"""``isekai web --url HOST:8001 [--host 127.0.0.1 --port 7860]``: the page, in front of a running isekai
+server."""
 
 from __future__ import annotations
 
@@ -50,12 +51,13 @@ class PageServer:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=f"localhost:{C.DEFAULT_GRPC_PORT}",
-        help="the isekai server's gRPC address; several comma-separated, or dns:///HOST:PORT, are used round-robin",
+        help="the isekai server's gRPC address; several comma-separated (or dns:///HOST:PORT): round-robin",
     )
     parser.add_argument("--host", default=C.DEFAULT_WEB_HOST,
-                        help=f"address the page listens on (default {C.DEFAULT_WEB_HOST}; 0.0.0.0 for every one)")
+                        help=f"address the page listens on (default {C.DEFAULT_WEB_HOST}; 0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=C.DEFAULT_WEB_PORT, help="port the page listens on")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a swap may take before it is abandoned")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a swap may take before it is abandoned")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,5 +67,6 @@ def main(args: argparse.Namespace) -> int:
 
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"isekai web: http://{host}:{args.port}/ (talking to {args.url}; Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(args.url, timeout_s=args.timeout), host=args.host, port=args.port, log_level="warning")
+    app = create_app(args.url, timeout_s=args.timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -1,7 +1,7 @@
 """Each visitor's state on the page's server: their photo, the clicks' segment session, the last result.
 
-Sessions are bounded (``WEB_MAX_SESSIONS`` and ``WEB_MAX_SESSION_BYTES`` of photos and results, least recently used
-out first): a visitor whose session was dropped is told to upload the photo again, never shown another's.
+Sessions are bounded (``WEB_MAX_SESSIONS`` and ``WEB_MAX_SESSION_BYTES`` of photos and results, least recently
+used out first): a visitor whose session was dropped is told to upload the photo again, never shown another's.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Session:
 class SessionStore:
     """Sessions by id, least recently used first out."""
 
-    def __init__(self, max_sessions: int = C.WEB_MAX_SESSIONS, max_bytes: int = C.WEB_MAX_SESSION_BYTES) -> None:
+    def __init__(self, max_sessions: int = C.WEB_MAX_SESSIONS,
+                 max_bytes: int = C.WEB_MAX_SESSION_BYTES) -> None:
         self.max_sessions, self.max_bytes = max_sessions, max_bytes
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()

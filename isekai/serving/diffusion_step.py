@@ -3,12 +3,12 @@ exported SD graphs). Shared by two callers, so a swap draws the same bytes throu
 
 - ``model_repository/diffusion`` (the ``isekai`` ensemble's step), one request at a time;
 - ``model_repository/isekai_stream``, which runs this step in its own stub so that it can report every UNet step
-  and stop between two of them when its caller cancels (Triton 2.51's Python backend cannot cancel a BLS request
-  it made, so a cancelled stream could not stop a ``diffusion`` model it called).
+  and stop between two of them when its caller cancels (Triton 2.51's Python backend cannot cancel a BLS
+  request it made, so a cancelled stream could not stop a ``diffusion`` model it called).
 
-The character is resolved once per request (:class:`CharacterStore`); the unet and text_encoder calls name it as
-``NAME@REVISION``, so they run its LoRA adapter or its own graph, and a character written again mid-request is
-never mixed with its older self. Only imported inside Triton's Python-backend stub (BLS).
+The character is resolved once per request (:class:`CharacterStore`); the unet and text_encoder calls name it
+as ``NAME@REVISION``, so they run its LoRA adapter or its own graph, and a character written again mid-request
+is never mixed with its older self. Only imported inside Triton's Python-backend stub (BLS).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ def _text_encode(key: str, ids: np.ndarray) -> np.ndarray:
 
 
 def _vae_encode(sample: np.ndarray) -> np.ndarray:
-    return triton.call(C.VAE_ENCODER_MODEL, {C.VAE_ENC_IN_SAMPLE: sample}, [C.VAE_ENC_OUT_MEAN])[C.VAE_ENC_OUT_MEAN]
+    out = triton.call(C.VAE_ENCODER_MODEL, {C.VAE_ENC_IN_SAMPLE: sample}, [C.VAE_ENC_OUT_MEAN])
+    return out[C.VAE_ENC_OUT_MEAN]
 
 
 def _vae_decode(latent: np.ndarray) -> np.ndarray:
-    return triton.call(C.VAE_DECODER_MODEL, {C.VAE_DEC_IN_LATENT: latent}, [C.VAE_DEC_OUT_SAMPLE])[C.VAE_DEC_OUT_SAMPLE]
+    out = triton.call(C.VAE_DECODER_MODEL, {C.VAE_DEC_IN_LATENT: latent}, [C.VAE_DEC_OUT_SAMPLE])
+    return out[C.VAE_DEC_OUT_SAMPLE]
 
 
 def _unet(key: str, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
@@ -78,7 +80,7 @@ def _scalar(values: Mapping[str, np.ndarray | None], name: str) -> float | int:
 
 
 class DiffusionStep:
-    """The step for one model instance: its repository's characters, loaded once and re-read when they change."""
+    """The step for one model instance: its repository's characters, loaded once, re-read when they change."""
 
     def __init__(self, repository: str | Path) -> None:
         self.characters = CharacterStore(Path(repository))
@@ -110,8 +112,9 @@ class DiffusionStep:
         prompt = _text(values, "prompt")
         tokenizer = self.characters.tokenizer() if prompt else None  # re-read when its files change
         embeddings = text_embeddings(character, prompt, tokenizer, partial(_text_encode, character.key))
-        # preprocess passes STEPS_UNSET / GUIDANCE_UNSET for options the request left out: None here, so img2img
-        # takes the exported scheduler's defaults (4 steps and guidance 1 for LCM, 25 and 7.5 for DPM-Solver++).
+        # preprocess passes STEPS_UNSET / GUIDANCE_UNSET for options the request left out: None here, so
+        # img2img takes the exported scheduler's defaults (4 steps and guidance 1 for LCM, 25 and 7.5 for
+        # DPM-Solver++).
         options = DiffusionOptions(
             steps=int(_scalar(values, "steps")) or None,
             strength=float(_scalar(values, "strength")),

@@ -1,11 +1,11 @@
-"""An ensemble's steps, read from its ``config.pbtxt`` and run by a Python model: how ``isekai_stream`` follows the
-``isekai`` ensemble without writing the swap's stage order a second time.
+"""An ensemble's steps, read from its ``config.pbtxt`` and run by a Python model: how ``isekai_stream``
+follows the ``isekai`` ensemble without writing the swap's stage order a second time.
 
-:class:`EnsemblePlan` is the ensemble's ``ensemble_scheduling`` (which model each step calls, which tensors go in and
-out) parsed with Triton's own protobuf (tritonclient's ``model_config_pb2``). :func:`run_plan` runs it as Triton's
-ensemble scheduler does: a step starts once every tensor it reads has been written, so steps that do not depend on
-each other (LaMa and diffusion) run at the same time. :class:`StreamProgress` turns finished steps and denoising
-steps into a fraction that never decreases.
+:class:`EnsemblePlan` is the ensemble's ``ensemble_scheduling`` (which model each step calls, which tensors go
+in and out) parsed with Triton's own protobuf (tritonclient's ``model_config_pb2``). :func:`run_plan` runs it
+as Triton's ensemble scheduler does: a step starts once every tensor it reads has been written, so steps that
+do not depend on each other (LaMa and diffusion) run at the same time. :class:`StreamProgress` turns finished
+steps and denoising steps into a fraction that never decreases.
 
 Plain Python: ``call`` is a BLS call in the model, a fake in unit tests.
 """
@@ -42,7 +42,8 @@ class EnsemblePlan:
 
     @classmethod
     def parse(cls, text: str) -> EnsemblePlan:
-        """From a ``config.pbtxt``'s text; ValueError when it is not an ensemble or a step reads an unwritten tensor."""
+        """From a ``config.pbtxt``'s text; ValueError when it is not an ensemble or a step reads an unwritten
+        tensor."""
         from google.protobuf import text_format  # noqa: PLC0415
         from tritonclient.grpc import model_config_pb2 as mc  # noqa: PLC0415
 
@@ -52,7 +53,8 @@ class EnsemblePlan:
         steps = tuple(
             Step(s.model_name, dict(s.input_map), dict(s.output_map)) for s in config.ensemble_scheduling.step
         )
-        plan = cls(config.name, tuple(t.name for t in config.input), tuple(t.name for t in config.output), steps)
+        inputs, outputs = tuple(t.name for t in config.input), tuple(t.name for t in config.output)
+        plan = cls(config.name, inputs, outputs, steps)
         plan.dependencies()  # checks the wiring
         return plan
 
@@ -163,9 +165,9 @@ def run_plan(
 class StreamProgress:
     """A swap's progress as a fraction in [0, 1] that never decreases.
 
-    Each step costs :data:`isekai.constants.STREAM_STAGE_COST` (in UNet steps); the denoising step's model costs
-    that plus one per denoising step. Until the loop says how many steps it runs, ``denoising_steps`` (an estimate
-    from the request) stands in; a changed total never makes the fraction go back.
+    Each step costs :data:`isekai.constants.STREAM_STAGE_COST` (in UNet steps); the denoising step's model
+    costs that plus one per denoising step. Until the loop says how many steps it runs, ``denoising_steps``
+    (an estimate from the request) stands in; a changed total never makes the fraction go back.
     """
 
     def __init__(self, plan: EnsemblePlan, denoising_steps: int, denoise_model: str = C.DIFFUSION_MODEL,

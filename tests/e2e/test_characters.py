@@ -109,9 +109,10 @@ def test_lora_character_draws_what_its_fused_fine_tune_draws(client, astronaut_p
     lora = decoded(swap(client, astronaut_png, character="hero").result)
     full = decoded(swap(client, astronaut_png, character="hero-fused").result)
     base = decoded(swap(client, astronaut_png, character="default").result)
-    # The same numbers up to float32 summation order (the adapter adds B(Ax) where the fine-tune has W + BA): the
-    # UNet outputs agree to ~1e-6, the pixels to a level, except where compose's silhouette (SAM on the drawn crop,
-    # thresholded) flips at its edge. Measured: 0.005 % of the pixels differ by more than 2 levels.
+    # The same numbers up to float32 summation order (the adapter adds B(Ax) where the fine-tune has W + BA):
+    # the UNet outputs agree to ~1e-6, the pixels to a level (compose cuts both by the person's own mask; with
+    # silhouette "sam", SAM on the drawn crop flips at its edge: 0.005 % of the pixels differed by more than 2
+    # levels).
     far = (np.abs(lora - full).max(axis=-1) > 2).mean()
     assert far < 1e-3, f"{far:.4%} of the pixels differ by more than 2 levels"
     assert np.abs(lora - base).mean() > 100 * np.abs(lora - full).mean()

@@ -137,8 +137,8 @@ def test_generate_after_clicks_gives_the_same_mask_and_does_not_encode_the_photo
     assert swapped.score == pytest.approx(selected.score, abs=1e-6)
     assert swapped.result != swapped.background, "no person was found: the test would prove nothing"
     assert c1["hits"] - c0["hits"] == 1 and c1["misses"] == c0["misses"], "the photo was encoded again"
-    # The one sam_encoder run is compose's silhouette of the generated character crop, not the photo.
-    assert stats_delta(s0, s1)["sam_encoder"].inferences == 1
+    # No sam_encoder run at all: compose cuts the character by the person's own mask (its default silhouette).
+    assert stats_delta(s0, s1)["sam_encoder"].inferences == 0
 
 
 def test_segment_and_run_commands_give_the_same_mask(server, tmp_path, fresh_photo):

@@ -1,4 +1,5 @@
-"""isekai_stream end to end over gRPC streaming: progress, the same bytes as isekai, bad requests, cancellation.
+"""isekai_stream end to end over gRPC streaming: progress, the same bytes as isekai, bad requests,
+cancellation.
 
 The UNet's execution count in Triton's statistics proves that a cancelled or abandoned swap stops its work.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from isekai import constants as C
 from isekai.client import api
@@ -28,7 +30,7 @@ from tests.e2e.serve import ISEKAI
 pytestmark = pytest.mark.e2e
 
 OPTIONS = {"steps": 4, "seed": 5}  # int(4 * 0.75) = 3 UNet steps
-LONG = {"steps": C.MAX_STEPS, "strength": 1.0, "seed": 1}  # 100 UNet steps: long enough to cancel in the middle
+LONG = {"steps": C.MAX_STEPS, "strength": 1.0, "seed": 1}  # 100 UNet steps: time to cancel in the middle
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,8 @@ def test_bad_request_gets_one_error_and_the_same_stream_serves_the_next(triton, 
         send("bad", 0)
         result, error = responses.get(timeout=60)
         assert result is None and error is not None, "a bad request must be answered by an error"
-        assert error.status() == "StatusCode.INVALID_ARGUMENT" and "steps" in error.message(), error
+        # A stream carries an error's message, not its code: isekai_stream names the code first.
+        assert error.message().startswith("INVALID_ARGUMENT: steps "), error.message()
         send("good", 2)
         got = []
         while True:
@@ -115,6 +118,13 @@ def test_bad_request_gets_one_error_and_the_same_stream_serves_the_next(triton, 
         assert all({api.STAGE, api.PROGRESS} <= names for names in got)
     finally:
         triton.stop_stream()
+
+
+def test_client_raises_a_bad_request_as_invalid_argument(client, astronaut_png):
+    with pytest.raises(InferenceServerException) as err:
+        client.swap_stream(astronaut_png, [(5000.0, 10.0)], steps=2).result()
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert err.value.message().startswith("points[0] = (5000, 10) is outside the 512x512 image"), err.value
 
 
 def test_cancel_stops_the_unet_loop(client, triton, astronaut_png):
@@ -148,8 +158,9 @@ def test_a_client_that_goes_away_stops_the_unet_loop(server, triton, astronaut_p
     photo = tmp_path / "astronaut.png"
     photo.write_bytes(astronaut_png)
     before = settled_unet_executions(triton)
-    child = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_DIES, server.grpc_url, str(photo),
-                              str(ASTRONAUT_CLICK[0]), str(ASTRONAUT_CLICK[1])], stdout=subprocess.PIPE, text=True)
+    args = [server.grpc_url, str(photo), str(ASTRONAUT_CLICK[0]), str(ASTRONAUT_CLICK[1])]
+    child = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_DIES, *args], stdout=subprocess.PIPE,
+                             text=True)
     try:
         diffusion = 0
         for line in child.stdout:
@@ -168,7 +179,8 @@ def test_isekai_run_draws_a_progress_bar(server, astronaut_png, tmp_path):
     photo, out = tmp_path / "astronaut.png", tmp_path / "out.png"
     photo.write_bytes(astronaut_png)
     run = subprocess.run(
-        [str(ISEKAI), "run", str(photo), "--click", "200,300", "--steps", "2", "--output", str(out), "--url", server.grpc_url],
+        [str(ISEKAI), "run", str(photo), "--click", "200,300", "--steps", "2", "--output", str(out),
+         "--url", server.grpc_url],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "diffusion" in run.stderr and "100% done" in run.stderr, run.stderr

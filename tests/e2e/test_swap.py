@@ -60,13 +60,14 @@ def test_second_click_served_from_embedding_cache(server, client, astronaut_png)
     middle, c1 = model_stats(stats), cache_counters(server.metrics_url)
     client.swap(fresh, [ASTRONAUT_CLICK, (300.0, 400.0)], **FAST)
     after, c2 = model_stats(stats), cache_counters(server.metrics_url)
-    assert first.result != first.background, "no person was found: compose's encoder call would not happen"
-    # The first swap encodes the photo and (in compose) the generated character crop; the second only the crop.
-    assert stats_delta(before, middle)["sam_encoder"].inferences == 2
+    assert first.result != first.background, "no person was found: the swap would prove nothing"
+    # The first swap encodes the photo, once: compose cuts the character by the person's own mask (its default
+    # silhouette), not by SAM on the generated crop. The second swap encodes nothing.
+    assert stats_delta(before, middle)["sam_encoder"].inferences == 1
     assert (c1["misses"] - c0["misses"], c1["hits"] - c0["hits"]) == (1, 0)
-    assert stats_delta(middle, after)["sam_encoder"].inferences == 1, "second click re-encoded the photo"
+    assert stats_delta(middle, after)["sam_encoder"].inferences == 0, "second click re-encoded the photo"
     assert (c2["misses"] - c1["misses"], c2["hits"] - c1["hits"]) == (0, 1)
-    assert stats_delta(middle, after)["sam_decoder"].inferences == 2  # the click, and compose's silhouette
+    assert stats_delta(middle, after)["sam_decoder"].inferences == 1  # the click alone
 
 
 def grayscale_png(rgb: np.ndarray) -> bytes:

@@ -1,6 +1,8 @@
-"""``isekai export sd --lcm-lora``: an LCM-LoRA-shaped random LoRA fused into the tiny model's UNet, the pipeline on
-diffusers' LCMScheduler, and parity of the served-path loop (ensemble/diffusion.img2img on the exported graphs in
-onnxruntime) with diffusers' own LCM img2img (StableDiffusionImg2ImgPipeline + LCMScheduler + load_lora_weights)."""
+"""``isekai export sd --lcm-lora``: an LCM-LoRA-shaped random LoRA fused into the tiny model's UNet, the
+pipeline on diffusers' LCMScheduler, and parity of the served-path loop (ensemble/diffusion.img2img on the
+exported graphs in onnxruntime) with diffusers' own LCM img2img (StableDiffusionImg2ImgPipeline + LCMScheduler
++
+load_lora_weights)."""
 
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def folder(lcm_repository):
 
 @pytest.fixture(scope="module")
 def lcm_lora(lcm_repository):
-    """The random LoRA shaped like the published LCM-LoRA (kohya layout with .alpha, as lcm-lora-sdv1-5 ships it;
-    rank 8, scale alpha / rank = 0.5) that the repository fused."""
+    """The random LoRA shaped like the published LCM-LoRA (kohya layout with .alpha, as lcm-lora-sdv1-5 ships
+    it; rank 8, scale alpha / rank = 0.5) that the repository fused."""
     return CACHE / "checkpoints" / DEMO_LCM_LORA
 
 
@@ -70,13 +72,15 @@ def graph_path(repository, model):
 def session_fn(path, extra=None):
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
-    return lambda *arrays: session.run(None, {**dict(zip(names, arrays)), **(extra or {})})[0]
+    return lambda *arrays: session.run(None, {**dict(zip(names, arrays, strict=False)), **(extra or {})})[0]
 
 
 def served_callables(repository):
-    return dict(vae_encode=session_fn(graph_path(repository, C.VAE_ENCODER_MODEL)),
-                unet=session_fn(graph_path(repository, C.UNET_MODEL)),
-                vae_decode=session_fn(graph_path(repository, C.VAE_DECODER_MODEL)))
+    return dict(
+        vae_encode=session_fn(graph_path(repository, C.VAE_ENCODER_MODEL)),
+        unet=session_fn(graph_path(repository, C.UNET_MODEL)),
+        vae_decode=session_fn(graph_path(repository, C.VAE_DECODER_MODEL)),
+    )
 
 
 def smooth_image(h: int, w: int) -> np.ndarray:
@@ -87,23 +91,36 @@ def smooth_image(h: int, w: int) -> np.ndarray:
 
 
 def diffusers_lcm_img2img(folder, lora, image, embeddings, options: DiffusionOptions) -> np.ndarray:
-    """diffusers' own LCM img2img, as its LCM-LoRA guide runs it: the folder's pipeline, the scheduler swapped for
-    LCMScheduler, the LoRA loaded with load_lora_weights (None: the plain base)."""
+    """diffusers' own LCM img2img, as its LCM-LoRA guide runs it: the folder's pipeline, the scheduler swapped
+    for LCMScheduler, the LoRA loaded with load_lora_weights (None: the plain base)."""
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-        str(folder), local_files_only=True, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        str(folder),
+        local_files_only=True,
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     pipe.set_progress_bar_config(disable=True)
-    # The latent mean as a 4-channel "image": both start from the same latents (see tests/unit/test_diffusion.py).
+    # The latent mean as a 4-channel "image": both start from the same latents (see
+    # tests/unit/test_diffusion.py).
     pixels = torch.from_numpy(image.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     emb = torch.from_numpy(embeddings)
-    out = pipe(image=latents, prompt_embeds=emb[1:], negative_prompt_embeds=emb[:1], strength=options.strength,
-               num_inference_steps=options.steps, guidance_scale=options.guidance, output_type="np",
-               generator=torch.Generator().manual_seed(options.seed)).images[0]
+    out = pipe(
+        image=latents,
+        prompt_embeds=emb[1:],
+        negative_prompt_embeds=emb[:1],
+        strength=options.strength,
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance,
+        output_type="np",
+        generator=torch.Generator().manual_seed(options.seed),
+    ).images[0]
     return (out * 255).round().astype(np.uint8)
 
 
@@ -111,7 +128,15 @@ def test_the_lora_has_the_lcm_lora_layers(lcm_factors):
     """Convs, resnets' time projections, attention, feed-forward, resamplers; not conv_in/conv_out or the time
     embedding (diffusers' train_lcm_distill_lora_sd.py targets)."""
     paths = list(lcm_factors)
-    for part in ("conv1", "conv_shortcut", "time_emb_proj", "to_q", "proj_in", "ff.net.2", "downsamplers.0.conv"):
+    for part in (
+        "conv1",
+        "conv_shortcut",
+        "time_emb_proj",
+        "to_q",
+        "proj_in",
+        "ff.net.2",
+        "downsamplers.0.conv",
+    ):
         assert any(p.endswith(part) for p in paths), part
     assert not any(p in ("conv_in", "conv_out") or "time_embedding" in p for p in paths)
 
@@ -120,12 +145,15 @@ def test_pipeline_json_records_lcm_and_the_fused_lora(exported, folder, lcm_lora
     config = chars.PipelineConfig.load(exported)
     assert config.scheduler == C.LCM_SCHEDULER and scheduler_class(config.scheduler) is LCMScheduler
     assert config.sampling_defaults == (C.LCM_STEPS, C.LCM_GUIDANCE) == (4, 1.0)
-    # The scheduler config stays the folder's, as diffusers' LCMScheduler.from_config(pipe.scheduler.config) reads it.
+    # The scheduler config stays the folder's, as diffusers' LCMScheduler.from_config(pipe.scheduler.config)
+    # reads it.
     assert config.scheduler_config == json.loads((folder / "scheduler/scheduler_config.json").read_text())
     record = config.fused_lora
     assert record["layout"] == "kohya" and record["purpose"] == "lcm" and record["ranks"] == [8]
     stored = chars.data_dir(exported) / record["file"]
-    assert stored.read_bytes() == lcm_lora.read_bytes() and record["sha256"] == fused_lora.fingerprint(lcm_lora)
+    assert stored.read_bytes() == lcm_lora.read_bytes() and record["sha256"] == fused_lora.fingerprint(
+        lcm_lora
+    )
     # Another base for characters than the plain export of the same folder.
     parts = sd.fingerprints(folder)
     assert config.base_fingerprint != sd.base_fingerprint(parts)
@@ -146,8 +174,15 @@ def test_served_loop_matches_diffusers_lcm_img2img_with_the_lora(exported, folde
     models = served_callables(exported)
     unet = models["unet"]
     models["unet"] = lambda s, t, h: calls.append((s.shape[0], h.shape[0])) or unet(s, t, h)
-    ours = img2img(image, embeddings, options, **models, scheduler_config=config.scheduler_config,
-                   scaling_factor=config.scaling_factor, scheduler_cls=scheduler_class(config.scheduler))
+    ours = img2img(
+        image,
+        embeddings,
+        options,
+        **models,
+        scheduler_config=config.scheduler_config,
+        scaling_factor=config.scaling_factor,
+        scheduler_cls=scheduler_class(config.scheduler),
+    )
     resolved = options.resolved(config.scheduler)
     assert (resolved.steps, resolved.guidance) == (4, 1.0)
     assert calls == [(1, 1)] * resolved.denoising_steps() == [(1, 1)] * 3  # no guidance pair
@@ -159,7 +194,7 @@ def test_served_loop_matches_diffusers_lcm_img2img_with_the_lora(exported, folde
 
 
 def test_more_steps_and_guidance_on_request(exported, folder, lcm_lora):
-    """A request may still ask for more steps, and guidance > 1 runs the batch-2 guidance pair (diffusers too)."""
+    """Requests may still ask for more steps; guidance > 1 runs the batch-2 guidance pair (as diffusers)."""
     config = chars.PipelineConfig.load(exported)
     embeddings = chars.CharacterStore(exported).get(None).embeddings
     image = smooth_image(64, 64)
@@ -168,8 +203,15 @@ def test_more_steps_and_guidance_on_request(exported, folder, lcm_lora):
     models = served_callables(exported)
     unet = models["unet"]
     models["unet"] = lambda s, t, h: batches.append(s.shape[0]) or unet(s, t, h)
-    ours = img2img(image, embeddings, options, **models, scheduler_config=config.scheduler_config,
-                   scaling_factor=config.scaling_factor, scheduler_cls=scheduler_class(config.scheduler))
+    ours = img2img(
+        image,
+        embeddings,
+        options,
+        **models,
+        scheduler_config=config.scheduler_config,
+        scaling_factor=config.scaling_factor,
+        scheduler_cls=scheduler_class(config.scheduler),
+    )
     assert batches == [2] * 4
     want = diffusers_lcm_img2img(folder, lcm_lora, image, embeddings, options)
     assert np.abs(ours.astype(int) - want.astype(int)).max() <= 2
@@ -179,7 +221,9 @@ def test_diffusers_layout_reads_to_the_same_deltas(folder, lcm_factors, lcm_lora
     """The same LoRA in diffusers' layout (alpha in the header) fuses the same weights as the kohya file."""
     models = sd.load_sd(folder)
     kohya = fused_lora.read_unet_lora(lcm_lora, models.unet, models.text_encoder)
-    path = make_lora.write_lora(tmp_path / "lcm-diffusers.safetensors", lcm_factors, layout="diffusers", alpha=4.0)
+    path = make_lora.write_lora(
+        tmp_path / "lcm-diffusers.safetensors", lcm_factors, layout="diffusers", alpha=4.0
+    )
     other = fused_lora.read_unet_lora(path, models.unet, models.text_encoder)
     assert other.layout == "diffusers" and sorted(other.unet) == sorted(kohya.unet)
     for name, layer in kohya.unet.items():
@@ -188,32 +232,44 @@ def test_diffusers_layout_reads_to_the_same_deltas(folder, lcm_factors, lcm_lora
 
 
 def test_a_character_lora_stacks_on_the_fused_base(exported, folder, lcm_factors, tmp_path):
-    """The served UNet with a character's adapter computes W + dW_lcm + dW_character, as PyTorch with both fused."""
+    """The served UNet with a character's adapter computes W + dW_lcm + dW_character (PyTorch: both fused)."""
     base = Base.load(exported)
     factors = make_lora.random_factors(make_lora.attention_only(base.slots[C.UNET_MODEL]), rank=4, seed=9)
     lora = make_lora.write_lora(tmp_path / "hero.safetensors", factors, layout="kohya", alpha=2.0)
     add_lora_character(exported, "hero", lora, "a photo of sks boy", replace=True)
-    adapter = adapters.read_adapter(chars.characters_dir(exported) / "hero" / f"{C.UNET_MODEL}{chars.ADAPTER_SUFFIX}")
+    adapter = adapters.read_adapter(
+        chars.characters_dir(exported) / "hero" / f"{C.UNET_MODEL}{chars.ADAPTER_SUFFIX}"
+    )
     models = sd.load_sd(folder)
-    fused_lora.fuse(models.unet, fused_lora.read_unet_lora(chars.data_dir(exported) / base.config.fused_lora["file"],
-                                                           models.unet, models.text_encoder))
+    fused_lora.fuse(
+        models.unet,
+        fused_lora.read_unet_lora(
+            chars.data_dir(exported) / base.config.fused_lora["file"], models.unet, models.text_encoder
+        ),
+    )
     from isekai.export.lora_formats import read_lora  # noqa: PLC0415
 
     adapters.fuse_into(models.unet, read_lora(lora, base.layers).unet)
     d = models.text_hidden_size
-    feed = {C.UNET_IN_SAMPLE: random_like((1, 4, 8, 16), seed=1), C.UNET_IN_TIMESTEP: torch.tensor([500.0]),
-            C.UNET_IN_HIDDEN: random_like((1, C.SD_TOKEN_LENGTH, d), seed=2)}
+    feed = {
+        C.UNET_IN_SAMPLE: random_like((1, 4, 8, 16), seed=1),
+        C.UNET_IN_TIMESTEP: torch.tensor([500.0]),
+        C.UNET_IN_HIDDEN: random_like((1, C.SD_TOKEN_LENGTH, d), seed=2),
+    }
     with torch.no_grad():
         want = sd.UNetExport(models.unet)(*feed.values()).numpy()
-    got = ort_session(graph_path(exported, C.UNET_MODEL)).run(None, {k: v.numpy() for k, v in feed.items()} | adapter)[0]
+    got = ort_session(graph_path(exported, C.UNET_MODEL)).run(
+        None, {k: v.numpy() for k, v in feed.items()} | adapter
+    )[0]
     np.testing.assert_allclose(got, want, atol=sd.ATOL[C.UNET_MODEL], rtol=0)
 
 
-def test_a_full_fine_tune_on_an_lcm_repository_gets_the_lora_fused(exported, folder, lcm_lora, tmp_path,
-                                                                    monkeypatch):
-    """Its own UNet is its weights plus the repository's LCM-LoRA (drawn by the LCM scheduler like the base): the
-    UNet add_full_character hands the exporter, checked without paying for an export (test_characters.py exports
-    full fine-tunes)."""
+def test_a_full_fine_tune_on_an_lcm_repository_gets_the_lora_fused(
+    exported, folder, lcm_lora, tmp_path, monkeypatch
+):
+    """Its own UNet is its weights plus the repository's LCM-LoRA (drawn by the LCM scheduler like the base):
+    the UNet add_full_character hands the exporter, checked without paying for an export (test_characters.py
+    exports full fine-tunes)."""
     other = make_sd_folder(tmp_path / "rei", "tiny", seed=1)
     for part in ("tokenizer", "vae", "text_encoder"):  # the base's; only its UNet is its own
         shutil.rmtree(other / part)
@@ -250,7 +306,10 @@ def test_a_plain_export_drops_the_lcm_scheduler_and_the_stored_lora(exported, fo
 def test_cli_hands_the_lcm_lora_to_the_exporter(folder, lcm_lora, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(sd, "export_sd", lambda *args, **kwargs: seen.update(kwargs) or {})
-    assert sd.main(parse(["--model", str(folder), "--repository", str(tmp_path), "--lcm-lora", str(lcm_lora)])) == 0
+    assert (
+        sd.main(parse(["--model", str(folder), "--repository", str(tmp_path), "--lcm-lora", str(lcm_lora)]))
+        == 0
+    )
     assert seen["lcm_lora"] == lcm_lora
 
 
@@ -258,13 +317,21 @@ def test_cli_refuses_a_text_encoder_lora_and_a_missing_file(folder, tmp_path, ca
     models = sd.load_sd(folder)
     text = make_lora.random_factors(
         make_lora.layer_shapes(models.text_encoder, lora_slots.text_encoder_layers(models.text_encoder)[:2]),
-        rank=2, seed=1)
+        rank=2,
+        seed=1,
+    )
     unet = make_lora.random_factors(make_lora.layer_shapes(models.unet, ["conv_in"]), rank=2, seed=1)
     path = make_lora.write_lora(tmp_path / "te.safetensors", unet, text, layout="kohya")
     repository = tmp_path / "repository"
-    assert sd.main(parse(["--model", str(folder), "--repository", str(repository), "--lcm-lora", str(path)])) == 2
+    assert (
+        sd.main(parse(["--model", str(folder), "--repository", str(repository), "--lcm-lora", str(path)]))
+        == 2
+    )
     assert "must adapt the UNet only" in capsys.readouterr().err
     missing = tmp_path / "missing.safetensors"
-    assert sd.main(parse(["--model", str(folder), "--repository", str(repository), "--lcm-lora", str(missing)])) == 2
+    assert (
+        sd.main(parse(["--model", str(folder), "--repository", str(repository), "--lcm-lora", str(missing)]))
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert not list(repository.glob("*/1/model.onnx"))  # nothing exported on errors

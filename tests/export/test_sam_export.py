@@ -114,8 +114,8 @@ def test_graph_names_and_dims_follow_the_spec(exported, spec):
 
 
 def test_encoder_graph_never_holds_a_whole_score_matrix(exported):
-    """The global attention is exported in blocks of query rows: no loop operator, and no intermediate as big as
-    one head's 4096 x 4096 scores times the heads (that is what segment-anything's own attention exports)."""
+    """The global attention is exported in blocks of query rows: no loop operator, and no intermediate as big
+    as one head's 4096 x 4096 scores times the heads (what segment-anything's own attention exports)."""
     path = exported[1] / C.SAM_ENCODER_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     assert not {n.op_type for n in graph.node} & {"Loop", "Scan", "If"}

@@ -202,4 +202,5 @@ def test_stream_model_takes_exactly_the_swap_inputs_and_is_decoupled():
     params = {k: v.string_value for k, v in stream.parameters.items()}
     assert params["ensemble"] == api.SWAP_MODEL
     assert int(params["max_concurrent_swaps"]) == C.STREAM_MAX_CONCURRENT
+    assert int(params["max_waiting_swaps"]) == C.STREAM_MAX_WAITING
     assert (REPOSITORY / api.STREAM_MODEL / C.MODEL_VERSION / "model.py").is_file()

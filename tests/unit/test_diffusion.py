@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import DPMSolverMultistepScheduler, LCMScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline
 
 from isekai import constants as C
-from isekai.ensemble.diffusion import DiffusionOptions, check_inputs, img2img, sd_input_size
+from isekai.ensemble.diffusion import DiffusionOptions, check_inputs, img2img, scheduler_class, sd_input_size
 from isekai.export import sd
 from isekai.export.make_sd import SD15_SCHEDULER, make_sd_folder
 
@@ -53,10 +53,14 @@ def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, PNDMScheduler])
-def test_matches_diffusers_img2img_pipeline(tiny, callables, embeddings, scheduler_cls):
+@pytest.mark.parametrize(("scheduler_cls", "guidance"), [
+    (DPMSolverMultistepScheduler, 7.5), (PNDMScheduler, 7.5), (DPMSolverMultistepScheduler, 1.0),
+    # LCM draws noise between steps from the request's generator, as diffusers' pipeline does.
+    (LCMScheduler, 1.0), (LCMScheduler, 2.0),
+])
+def test_matches_diffusers_img2img_pipeline(tiny, callables, embeddings, scheduler_cls, guidance):
     image = smooth_image(64, 128)
-    options = DiffusionOptions(steps=10, strength=0.6, guidance=7.5, seed=3)
+    options = DiffusionOptions(steps=10, strength=0.6, guidance=guidance, seed=3)
     ours = img2img(image, embeddings, options, scheduler_cls=scheduler_cls, **callables)
 
     # The pipeline samples the VAE posterior; handing it the latent mean (scaled) as a 4-channel "image" makes
@@ -153,6 +157,49 @@ def test_unet_gets_one_guidance_pair_per_step():
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 6
 
 
+def test_guidance_1_makes_one_batch_1_call_per_step_on_the_prompt():
+    """Guidance 1 is the prompt's prediction alone: no negative row computed and thrown away (diffusers)."""
+    calls = []
+
+    def unet(sample, timestep, hidden):
+        calls.append((sample.shape, timestep.shape, hidden.copy()))
+        return np.full_like(sample, 0.2)
+
+    emb = np.random.default_rng(0).normal(size=(2, C.SD_TOKEN_LENGTH, 8)).astype(np.float32)
+    options = DiffusionOptions(steps=4, strength=1.0, guidance=1.0, seed=0)
+    img2img(np.zeros((64, 64, 3), np.uint8), emb, options, **fake_models(unet))
+    assert [(c[0], c[1]) for c in calls] == [((1, 4, 8, 8), (1,))] * 4
+    for _, _, hidden in calls:
+        np.testing.assert_array_equal(hidden, emb[1:])
+
+
+@pytest.mark.parametrize(("scheduler", "steps", "guidance"), [
+    (C.DPM_SCHEDULER, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE), (C.LCM_SCHEDULER, C.LCM_STEPS, C.LCM_GUIDANCE),
+])
+def test_unset_steps_and_guidance_follow_the_scheduler(scheduler, steps, guidance):
+    calls = []
+
+    def unet(sample, timestep, hidden):
+        calls.append(sample.shape[0])
+        return np.full_like(sample, 0.2)
+
+    emb = np.zeros((2, C.SD_TOKEN_LENGTH, 8), np.float32)
+    image = np.zeros((64, 64, 3), np.uint8)
+    img2img(image, emb, DiffusionOptions(), scheduler_cls=scheduler_class(scheduler), **fake_models(unet))
+    assert DiffusionOptions().resolved(scheduler) == DiffusionOptions(steps, C.DEFAULT_STRENGTH, guidance)
+    assert calls == [2 if guidance > 1 else 1] * int(steps * C.DEFAULT_STRENGTH)
+    # Set values win over the scheduler's defaults.
+    set_ones = DiffusionOptions(steps=9, guidance=3.0)
+    assert set_ones.resolved(scheduler) == DiffusionOptions(9, C.DEFAULT_STRENGTH, 3.0)
+
+
+def test_scheduler_class_names_the_allowed_ones():
+    assert scheduler_class(C.LCM_SCHEDULER) is LCMScheduler
+    with pytest.raises(ValueError, match=r"scheduler should be one of \['DPMSolverMultistepScheduler', "
+                                         r"'LCMScheduler'\] but is 'Heun'"):
+        scheduler_class("Heun")
+
+
 def test_unet_failure_mid_loop_propagates_and_next_call_is_clean():
     emb = np.zeros((2, C.SD_TOKEN_LENGTH, 8), np.float32)
     image = smooth_image(64, 64)
@@ -192,7 +239,9 @@ def test_options_check_names_the_option_and_range(options, message):
 
 
 def test_default_options_and_numpy_scalars_are_valid():
-    DiffusionOptions().check()
+    DiffusionOptions().check()  # unset steps and guidance: the scheduler's defaults, in range
+    with pytest.raises(ValueError, match="steps is unset"):
+        DiffusionOptions().denoising_steps()
     DiffusionOptions(np.int32(30), np.float32(0.5), np.float32(7.5), np.int64(2**40)).check()
 
 

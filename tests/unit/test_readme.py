@@ -19,12 +19,22 @@ def table_row(first_cell: str) -> str:
 
 
 @pytest.mark.parametrize(("name", "default"), [
-    ("strength", C.DEFAULT_STRENGTH), ("steps", C.DEFAULT_STEPS), ("guidance", C.DEFAULT_GUIDANCE),
-    ("seed", C.DEFAULT_SEED), ("format", C.DEFAULT_FORMAT), ("upscale", C.DEFAULT_UPSCALE),
+    ("strength", C.DEFAULT_STRENGTH), ("seed", C.DEFAULT_SEED), ("format", C.DEFAULT_FORMAT),
+    ("upscale", C.DEFAULT_UPSCALE),
 ])
 def test_api_table_quotes_the_defaults(name, default):
     cells = [c.strip() for c in table_row(f"`{name}`").split("|")]
     assert cells[4] == str(default), f"README default of {name}: {cells[4]!r}, constants: {default!r}"
+
+
+@pytest.mark.parametrize(("name", "index"), [("steps", 0), ("guidance", 1)])
+def test_steps_and_guidance_defaults_follow_the_exported_scheduler(name, index):
+    """Their defaults are the exported scheduler's: the cell says so and quotes each scheduler's."""
+    cell = [c.strip() for c in table_row(f"`{name}`").split("|")][4]
+    assert cell.startswith("the exported scheduler's:"), cell
+    dpm, lcm = C.SCHEDULER_DEFAULTS[C.DPM_SCHEDULER][index], C.SCHEDULER_DEFAULTS[C.LCM_SCHEDULER][index]
+    assert f"{dpm:g} (DPM-Solver++)" in cell and f"{lcm:g} (LCM" in cell, cell
+    assert set(C.SCHEDULER_DEFAULTS) == {C.DPM_SCHEDULER, C.LCM_SCHEDULER}, "quote a new scheduler's defaults"
 
 
 def test_limits_table_quotes_the_limits():
@@ -81,8 +91,8 @@ def test_load_shedding_timeouts_and_retries_quoted():
     click_steps = (C.PREPROCESS_MODEL, C.SAM_DECODER_MODEL, C.SEGMENT_MASK_MODEL)
     assert len({sizes[m] for m in click_steps}) == 1 and sizes[C.COMPOSE_MODEL] == sizes[C.FINISH_MODEL]
     assert (f"{sizes[C.PREPROCESS_MODEL]} for the click steps `preprocess`, `sam_decoder` and `segment_mask`, "
-            f"`prepare` {sizes[C.PREPARE_MODEL]}, `lama` {sizes[C.LAMA_MODEL]}, `diffusion` "
-            f"{sizes[C.DIFFUSION_MODEL]}, `compose` and `finish` {sizes[C.COMPOSE_MODEL]}") in section
+            f"`prepare` {sizes[C.PREPARE_MODEL]}, `compose` and `finish` {sizes[C.COMPOSE_MODEL]}") in section
+    assert all(f"`{m}`" in section for m in C.UNBOUNDED_STEPS)
     assert f"at most {C.QUEUE_TIMEOUT_S} s, `QUEUE_TIMEOUT_S`" in section
     assert f"else {C.BLS_TIMEOUT_S:g} s per call (`BLS_TIMEOUT_S`)" in section
     assert f"up to {C.RETRY_ATTEMPTS} tries (`RETRY_ATTEMPTS`)" in section

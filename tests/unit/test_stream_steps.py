@@ -1,10 +1,12 @@
-"""isekai_stream's plumbing without a server: the isekai ensemble's steps as a plan, run in dependency order with
-independent steps in parallel, the progress fraction, the latent preview, and the loop's hooks that stream and
+"""isekai_stream's plumbing without a server: the isekai ensemble's steps as a plan, run in dependency order
+with independent steps in parallel, the progress fraction, the latent preview, and the loop's hooks that
+stream and
 cancel."""
 
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 
@@ -15,6 +17,7 @@ from PIL import Image
 from isekai import constants as C
 from isekai.ensemble.diffusion import DiffusionOptions, img2img
 from isekai.ensemble.preview import is_preview_step, latents_to_rgb, preview_png
+from isekai.ensemble.requests import precheck_swap, validate_swap
 from isekai.serving.ensemble_steps import EnsemblePlan, StreamProgress, run_plan
 from tests.unit.test_configs import REPOSITORY
 from tests.unit.test_diffusion import RecordingUNet, fake_models, smooth_image
@@ -81,7 +84,7 @@ def test_run_plan_follows_dependencies_and_overlaps_lama_and_diffusion(plan):
             assert times[("end", plan.steps[d].model)] <= times[("start", plan.steps[i].model)]
     lama = (times[("start", C.LAMA_MODEL)], times[("end", C.LAMA_MODEL)])
     diffusion = (times[("start", C.DIFFUSION_MODEL)], times[("end", C.DIFFUSION_MODEL)])
-    assert lama[0] < diffusion[1] and diffusion[0] < lama[1], "LaMa and diffusion did not run at the same time"
+    assert lama[0] < diffusion[1] and diffusion[0] < lama[1], "LaMa and diffusion did not overlap"
     # Absent optional inputs are absent for the step too, as in Triton's ensemble.
     args = {model: names for kind, model, _, names in log if kind == "start"}
     assert args[C.PREPROCESS_MODEL] == ["image", "labels", "points"]
@@ -154,3 +157,19 @@ def test_loop_hands_out_latents_and_stops_when_progress_raises():
                 **fake_models(unet))
     assert len(unet.calls) == 2, "the loop went on after a cancelled step"
     assert latents_seen == [(1, 6, (1, 4, 8, 8)), (2, 6, (1, 4, 8, 8))]
+
+
+def test_precheck_refuses_what_the_full_validation_refuses_in_the_same_words(astronaut_png):
+    good = {"image": np.array([astronaut_png], dtype=object),
+            "points": np.array([[200.0, 300.0]], np.float32), "labels": np.array([1], np.int32)}
+    assert precheck_swap(**good).steps == validate_swap(**good).options.steps
+    for change in ({"steps": np.array([0], np.int32)}, {"points": np.array([[900.0, 10.0]], np.float32)},
+                   {"labels": np.array([0], np.int32)}, {"image": np.array([b"not an image"], dtype=object)},
+                   {"upscale": np.array([3], np.int32)}):
+        bad = {**good, **change}
+        with pytest.raises(ValueError) as full:
+            validate_swap(**bad)
+        with pytest.raises(ValueError) as early:
+            precheck_swap(**bad)
+        same = re.compile(r"0x[0-9a-f]+")  # Pillow names the buffer by its address
+        assert same.sub("0x", str(early.value)) == same.sub("0x", str(full.value))

@@ -137,7 +137,8 @@ def test_validate_swap_accepts_or_raises_value_error(prompt, character, text, st
         return
     check_request(req)
     o = req.options
-    # Unset steps / guidance travel as STEPS_UNSET / GUIDANCE_UNSET (the scheduler's defaults, filled in later).
+    # Unset steps / guidance travel as STEPS_UNSET / GUIDANCE_UNSET (the scheduler's defaults, filled in
+    # later).
     assert 0.0 < o.strength <= 1.0
     assert o.steps == C.STEPS_UNSET or (1 <= o.steps <= C.MAX_STEPS and int(o.steps * o.strength) >= 1)
     assert o.guidance == C.GUIDANCE_UNSET or (C.MIN_GUIDANCE <= o.guidance <= C.MAX_GUIDANCE

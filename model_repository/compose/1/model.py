@@ -1,6 +1,9 @@
-"""compose: the character cut by its own silhouette (SAM on the generated crop) and pasted onto the background.
+"""compose: the character cut by its silhouette and pasted onto the background.
 
-The scene leaves as uint8 [H, W, 3] RGB (``scene``) for finish to upscale and encode; the background is encoded here.
+The silhouette is the person's own mask carried into the crop (config parameter ``silhouette`` "person_mask",
+the default), or SAM run again on the generated crop ("sam": one more SAM encode per swap; see
+:func:`isekai.ensemble.compose.character_silhouette`). The scene leaves as uint8 [H, W, 3] RGB (``scene``) for
+finish to upscale and encode; the background is encoded here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.name = args["model_name"]
         self.sam = SamTransform()
+        source = triton.parameters(triton.load_config(args)).get("silhouette", C.DEFAULT_SILHOUETTE)
+        if source not in C.SILHOUETTE_SOURCES:
+            raise ValueError(f"{self.name}: parameter silhouette should be one of {C.SILHOUETTE_SOURCES} but "
+                             f"is {source!r}")
+        self.silhouette_by_sam = source == "sam"
 
     def execute(self, requests: list) -> list:
         return triton.respond_each(requests, self._handle, self.name)
@@ -38,7 +46,9 @@ class TritonPythonModel:
             return [triton.tensor("scene", rgb), triton.bytes_tensor("background", encode_image(rgb, fmt))]
         character = triton.required_input(request, "character_crop")
         person_geometry = CropGeometry.from_array(triton.required_input(request, "person_geometry"))
-        logits = self._silhouette_logits(character, triton.required_input(request, "character_box"))
+        logits = None  # the person's own mask
+        if self.silhouette_by_sam:
+            logits = self._silhouette_logits(character, triton.required_input(request, "character_box"))
         result, background = compose_scene(
             rgb,
             triton.required_input(request, "person_mask"),

@@ -1,7 +1,7 @@
 """diffusion: the person crop redrawn as the character (img2img through BLS calls to the exported SD graphs).
 
-The step itself is :class:`isekai.serving.diffusion_step.DiffusionStep`, which ``isekai_stream`` runs too (with
-progress and cancellation): this adapter only reads the request's inputs and answers it.
+The step itself is :class:`isekai.serving.diffusion_step.DiffusionStep`, which ``isekai_stream`` runs too
+(with progress and cancellation): this adapter only reads the request's inputs and answers it.
 """
 
 from __future__ import annotations
