@@ -26,19 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.models import ROOT, Checkpoints
+from bench.timing import StageTimer, say
 from isekai import constants as C
 from isekai.ensemble.compose import compose_scene, prepare_person, public_mask
 from isekai.ensemble.crops import CropGeometry, lama_inputs
 from isekai.ensemble.diffusion import DiffusionOptions
 from isekai.ensemble.images import decode_image, encode_image
 
-from bench.models import ROOT, Checkpoints
-from bench.timing import StageTimer, say
-
 MODES = ("seed", "same_work")
 
-# segment-anything's SamPredictor imports torchvision for two resize helpers; the test suite's reference module
-# lends it a faithful stand-in when torchvision is absent (it is not a dependency of isekai).
+# segment-anything's SamPredictor imports torchvision for two resize helpers; the test suite's reference
+# module lends it a faithful stand-in when torchvision is absent (it is not a dependency of isekai).
 REFERENCE_SAM = ROOT / "tests" / "reference_sam.py"
 
 
@@ -75,7 +74,8 @@ class TorchBaseline:
         self._hook_stages()
 
     def _hook_stages(self) -> None:
-        """Time the pipeline's models from inside ``__call__``: UNet and text encoder calls, VAE encode/decode."""
+        """Time the pipeline's models from inside ``__call__``: UNet and text encoder calls, VAE
+        encode/decode."""
         pipe, starts = self.pipe, {}
 
         def hooks(module, stage: str) -> None:
@@ -147,7 +147,9 @@ class TorchBaseline:
                     lama_geometry = prepared.lama_geometry
                     lama_image, lama_mask = prepared.lama_image, prepared.lama_mask
             with timer("lama"):
-                inpainted = self.lama(self.torch.from_numpy(lama_image), self.torch.from_numpy(lama_mask)).numpy()
+                inpainted = self.lama(
+                    self.torch.from_numpy(lama_image), self.torch.from_numpy(lama_mask)
+                ).numpy()
             if not prepared.found:  # a click on nothing: the photo comes back, as the served pipeline does
                 return encode_image(rgb, "png")
             with timer("diffusion"):
@@ -176,10 +178,9 @@ def run(models, scenes, options: DiffusionOptions, runs: int, warmup: DiffusionO
     one warm-up swap."""
     import resource  # noqa: PLC0415
 
-    from isekai.ensemble.characters import CharacterStore  # noqa: PLC0415
-
     from bench.inprocess import step_progress  # noqa: PLC0415
     from bench.timing import median  # noqa: PLC0415
+    from isekai.ensemble.characters import CharacterStore  # noqa: PLC0415
 
     started = time.perf_counter()
     baseline = load(models.checkpoints)

@@ -1,20 +1,20 @@
 """Characters on the served UNet: ``python -m bench.characters [--size sd15] [--characters 10] [--runs 3]``.
 
-What the characters issue asks to measure, on the full-size SD 1.5 UNet with random weights (they cost the same
-to run as trained ones), served by a real tritonserver (the ``unet`` model of the default profile, called over
-gRPC with the ``character`` input, exactly as the diffusion model calls it):
+What the characters issue asks to measure, on the full-size SD 1.5 UNet with random weights (they cost the
+same to run as trained ones), served by a real tritonserver (the ``unet`` model of the default profile, called
+over gRPC with the ``character`` input, exactly as the diffusion model calls it):
 
-1. memory: the unet process's resident memory after one call of one LoRA character, then after one call of each
-   of ``--characters`` more (per rank): the growth against the bytes of the adapters it had to load (goal: no more
-   than the adapters' bytes + 5 %, i.e. N characters do not cost N UNets);
-2. time: one UNet step (batch 2, the guidance pair, at 512x512's 64x64 latent) with a rank-4 and a rank-64 adapter
-   against the same served graph without one (goal: <= +10 %), and, in-process, the slotted graph without an
-   adapter against the graph exported without slots (what the slots themselves cost);
-3. a full fine-tune character: its first call (loading its own 3.4 GB graph), its steady step, and the memory it
-   adds.
+1. memory: the unet process's resident memory after one call of one LoRA character, then after one call of
+   each of ``--characters`` more (per rank): the growth against the bytes of the adapters it had to load
+   (goal: no more than the adapters' bytes + 5 %, i.e. N characters do not cost N UNets);
+2. time: one UNet step (batch 2, the guidance pair, at 512x512's 64x64 latent) with a rank-4 and a rank-64
+   adapter against the same served graph without one (goal: <= +10 %), and, in-process, the slotted graph
+   without an adapter against the graph exported without slots (what the slots themselves cost);
+3. a full fine-tune character: its first call (loading its own 3.4 GB graph), its steady step, and the memory
+   it adds.
 
-The base SD folder is ``bench.train_step``'s (``.cache/bench/train/<size>``); the repository, the characters and a
-slot-free UNet graph are made once under ``.cache/bench/characters/<size>/``. Results go to
+The base SD folder is ``bench.train_step``'s (``.cache/bench/train/<size>``); the repository, the characters
+and a slot-free UNet graph are made once under ``.cache/bench/characters/<size>/``. Results go to
 ``bench/results/characters-<size>.md`` and ``.json`` (what this code wrote; never edited by hand).
 """
 
@@ -42,8 +42,8 @@ BENCH_ADAPTER_BYTES = 16 * 2**30
 
 
 def _repository(args: argparse.Namespace) -> tuple[Path, Path]:
-    """The bench repository (unet + text_encoder graphs with slots, pipeline data, a base prompt character) and the
-    slot-free UNet graph, made once."""
+    """The bench repository (unet + text_encoder graphs with slots, pipeline data, a base prompt character)
+    and the slot-free UNet graph, made once."""
     from isekai import constants as C  # noqa: PLC0415
     from isekai.export import sd  # noqa: PLC0415
     from isekai.export.characters import add_prompt_character  # noqa: PLC0415
@@ -63,8 +63,8 @@ def _repository(args: argparse.Namespace) -> tuple[Path, Path]:
     # Room for every character's adapter: the memory rows measure what holding them costs, not the LRU budget
     # (2 GiB by default: 10 rank-64 SD 1.5 adapters are 2.6 GiB, and the budget would unload some of them).
     config = repository / C.UNET_MODEL / "config.pbtxt"
-    text, n = re.subn(r'("character_adapter_bytes" value: \{ string_value: )"\d+"', rf'\1"{BENCH_ADAPTER_BYTES}"',
-                      config.read_text())
+    text, n = re.subn(r'("character_adapter_bytes" value: \{ string_value: )"\d+"',
+                      rf'\1"{BENCH_ADAPTER_BYTES}"', config.read_text())
     if n != 1:
         raise RuntimeError(f"{config} has no character_adapter_bytes parameter")
     config.write_text(text)
@@ -95,7 +95,8 @@ def _characters(repository: Path, args: argparse.Namespace) -> dict[str, list[st
                 continue
             say(f"registering LoRA character {name}")
             path = args.cache / "characters" / "loras" / f"{name}.safetensors"
-            write_lora(path, random_factors(base.slots[C.UNET_MODEL], rank, seed=rank * 100 + i), layout="kohya")
+            write_lora(path, random_factors(base.slots[C.UNET_MODEL], rank, seed=rank * 100 + i),
+                       layout="kohya")
             add_lora_character(repository, name, path, "a photo of sks girl")
             path.unlink()
     if "full" not in store.names():
@@ -146,7 +147,9 @@ def _served(repository: Path, args: argparse.Namespace, names: dict[str, list[st
     try:
         server.wait_ready(timeout_s=900)
         client = grpc.InferenceServerClient(server.grpc_url)
-        stub = next(s.pid for s in server_stubs(server.process.pid) if s.model == C.UNET_MODEL and not s.zombie)
+        stub = next(
+            s.pid for s in server_stubs(server.process.pid) if s.model == C.UNET_MODEL and not s.zombie
+        )
         rng = np.random.default_rng(0)
         side = args.latent
         arrays = {
@@ -185,9 +188,10 @@ def _served(repository: Path, args: argparse.Namespace, names: dict[str, list[st
             loaded = sum(adapter_bytes(n) for n in others)
             result["memory"][f"rank {rank}"] = {"characters": len(others), "adapter_bytes": loaded,
                                                  "rss_growth": grown, "ratio": grown / loaded}
-            say(f"rank {rank}: {len(others)} more characters grew the unet process by {grown / 2**20:.0f} MiB "
-                f"for {loaded / 2**20:.0f} MiB of adapters")
-        for label, name in [("no adapter", None), *((f"rank {r}", names[f"rank {r}"][0]) for r in args.ranks)]:
+            say(f"rank {rank}: {len(others)} more characters grew the unet process by {grown / 2**20:.0f} "
+                f"MiB for {loaded / 2**20:.0f} MiB of adapters")
+        for label, name in [("no adapter", None),
+                            *((f"rank {r}", names[f"rank {r}"][0]) for r in args.ranks)]:
             step(name)  # warm
             seconds = [step(name) for _ in range(args.runs)]
             result["time"][label] = seconds
@@ -195,8 +199,12 @@ def _served(repository: Path, args: argparse.Namespace, names: dict[str, list[st
         before = _rss(stub)
         first = step("full")
         seconds = [step("full") for _ in range(args.runs)]
-        result["full"] = {"first_call_s": first, "steps": seconds, "rss_growth": _rss(stub) - before,
-                          "graph_bytes": sum(f.stat().st_size for f in (store.directory / "full" / "unet").iterdir())}
+        result["full"] = {
+            "first_call_s": first,
+            "steps": seconds,
+            "rss_growth": _rss(stub) - before,
+            "graph_bytes": sum(f.stat().st_size for f in (store.directory / "full" / "unet").iterdir()),
+        }
         result["unet_rss"] = _rss(stub)
         return result
     finally:
@@ -204,8 +212,8 @@ def _served(repository: Path, args: argparse.Namespace, names: dict[str, list[st
 
 
 def _in_process(repository: Path, plain: Path, args: argparse.Namespace) -> dict[str, list[float]]:
-    """The slots' own cost: the slotted graph without an adapter against the graph exported without slots, each
-    session on its own, with the served configuration's options."""
+    """The slots' own cost: the slotted graph without an adapter against the graph exported without slots,
+    each session on its own, with the served configuration's options."""
     import onnxruntime as ort  # noqa: PLC0415
 
     from isekai import constants as C  # noqa: PLC0415
@@ -220,8 +228,10 @@ def _in_process(repository: Path, plain: Path, args: argparse.Namespace) -> dict
         C.UNET_IN_HIDDEN: rng.standard_normal((2, 77, hidden), dtype=np.float32),
     }
     out = {}
-    for label, path in (("without slots", plain), ("with slots, no adapter",
-                                                   repository / C.UNET_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME)):
+    for label, path in (
+        ("without slots", plain),
+        ("with slots, no adapter", repository / C.UNET_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME),
+    ):
         session = ort.InferenceSession(str(path), session_options({"cpu_mem_arena": "false"}),
                                        providers=["CPUExecutionProvider"])
         session.run(None, feeds)
@@ -248,19 +258,22 @@ def markdown(result: dict, args: argparse.Namespace, command: str) -> str:
         f"Software: {_software()}",
         "",
         f"UNet step: batch 2 (the guidance pair), latent {args.latent}x{args.latent} "
-        f"({args.latent * 8}x{args.latent * 8} pixels), float32, onnxruntime CPU; median of {args.runs} after a "
-        "warm-up. LoRA characters: random kohya-layout LoRAs on every Linear and Conv2d of the UNet. The bench's "
-        f"unet holds up to {BENCH_ADAPTER_BYTES // 2**30} GiB of adapters (character_adapter_bytes; 2 GiB by "
-        "default), so none is unloaded while the memory rows are measured.",
+        f"({args.latent * 8}x{args.latent * 8} pixels), float32, onnxruntime CPU; median of {args.runs} "
+        "after a warm-up. LoRA characters: random kohya-layout LoRAs on every Linear and Conv2d of the UNet. "
+        f"The bench's unet holds up to {BENCH_ADAPTER_BYTES // 2**30} GiB of adapters "
+        "(character_adapter_bytes; 2 GiB by default), so none is unloaded while the memory rows are "
+        "measured.",
         "",
         "| memory | characters | adapters loaded | unet process growth | growth / adapters | goal <= 1.05 |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for label, m in result["served"]["memory"].items():
         lines.append(f"| {label} | {m['characters']} | {m['adapter_bytes'] / 2**20:.0f} MiB | "
-                     f"{m['rss_growth'] / 2**20:.0f} MiB | {m['ratio']:.2f} | {'met' if m['ratio'] <= 1.05 else 'missed'} |")
+                     f"{m['rss_growth'] / 2**20:.0f} MiB | {m['ratio']:.2f} | "
+                     f"{'met' if m['ratio'] <= 1.05 else 'missed'} |")
     base = med(result["served"]["time"]["no adapter"])
-    lines += ["", "| UNet step (served) | median | vs no adapter | goal <= +10 % |", "| --- | ---: | ---: | --- |"]
+    lines += ["", "| UNet step (served) | median | vs no adapter | goal <= +10 % |",
+              "| --- | ---: | ---: | --- |"]
     for label, seconds in result["served"]["time"].items():
         ratio = med(seconds) / base
         verdict = "" if label == "no adapter" else ("met" if ratio <= 1.10 else "missed")
@@ -287,13 +300,15 @@ def markdown(result: dict, args: argparse.Namespace, command: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=("tiny", "sd15"), default="sd15", help="SD architecture (tiny: smoke run)")
+    parser.add_argument("--size", choices=("tiny", "sd15"), default="sd15",
+                        help="SD architecture (tiny: smoke run)")
     parser.add_argument("--characters", type=int, default=10, help="LoRA characters per rank (default 10)")
     parser.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64],
                         help="LoRA ranks, comma-separated (default 4,64)")
     parser.add_argument("--runs", type=int, default=3, help="timed UNet steps per configuration (default 3)")
     parser.add_argument("--latent", type=int, default=64, help="latent side (default 64: a 512x512 crop)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (default .cache/bench)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help="cache folder (default .cache/bench)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="folder for characters-<size>.md")
 
 

@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): the configurations side by side, the goals, the levers.
 
-One run, in this order, each phase in its own process (``bench/phase.py``) so only one copy of the models is in
-memory at a time:
+One run, in this order, each phase in its own process (``bench/phase.py``) so only one copy of the models is
+in memory at a time:
 
 1. prepare: full-size random-weight checkpoints, exported once into ``.cache/bench`` (reused by later runs);
 2. this machine's matmul peak (again at the end; the ratio uses the higher); 3. configuration 1a, the
@@ -39,11 +39,10 @@ import time
 import uuid
 from pathlib import Path
 
-from isekai import constants as C
-
 from bench.models import DEFAULT_CACHE, ROOT
 from bench.report import write
 from bench.timing import say
+from isekai import constants as C
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results"
 PHASES = ("baseline", "same_work", "onnxruntime", "served", "fast", "levers")
@@ -51,7 +50,8 @@ PHASES = ("baseline", "same_work", "onnxruntime", "served", "fast", "levers")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="small test checkpoints, 1 run, 2 steps: a smoke check of every table in ~1 minute")
+                        help="small test checkpoints, 1 run, 2 steps: a smoke check of every table in ~1 "
+                             "minute")
     parser.add_argument("--sam", choices=("vit_h", "vit_b", "vit_l", "vit_t"), default="vit_h",
                         help="SAM architecture of the full run (default vit_h; vit_t: MobileSAM)")
     parser.add_argument("--runs", type=int, default=None, help="timed swaps per configuration and scene "
@@ -59,22 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help=f"denoising steps (default {C.DEFAULT_STEPS}, the API default; --quick 2)")
     parser.add_argument("--strength", type=float, default=C.DEFAULT_STRENGTH, help="img2img strength")
-    parser.add_argument("--guidance", type=float, default=C.DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=C.DEFAULT_GUIDANCE,
+                        help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=7, help="noise seed (the same in every configuration)")
-    parser.add_argument("--scenes", default="512,1080", help="scenes: 512 (astronaut 512x512), 1080 (1920x1080)")
+    parser.add_argument("--scenes", default="512,1080",
+                        help="scenes: 512 (astronaut 512x512), 1080 (1920x1080)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats of each lever measurement (default 3; --quick 1)")
     parser.add_argument("--load-requests", type=int, default=None,
-                        help="isekai_segment requests per concurrency level of the load run (default 40; --quick 8)")
+                        help="isekai_segment requests per concurrency level of the load run (default 40; "
+                             "--quick 8)")
     for phase in PHASES:
         parser.add_argument(f"--skip-{phase.replace('_', '-')}", action="store_true",
                             help=f"leave out the {phase} phase")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help="where checkpoints and exported graphs are made once and reused (default .cache/bench)")
+                        help="where checkpoints and exported graphs are made once and reused (default "
+                             ".cache/bench)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the .md and .json go")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the phases the previous run (same settings) finished in the cache's work folder, "
-                        "run the rest: after a crash or an interrupted run")
+                        help="keep the phases the previous run (same settings) finished in the cache's work "
+                        "folder, run the rest: after a crash or an interrupted run")
     parser.add_argument("--repository", type=Path, default=None,
                         help="use this exported repository instead of making one (needs --checkpoints)")
     parser.add_argument("--checkpoints", type=Path, default=None,
@@ -90,7 +94,10 @@ def _machine() -> tuple[str, int]:
     mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal"))
     cores = os.cpu_count() or 1
-    return f"{model}, {cores} cores, {mem / 2**20:.0f} GiB RAM, {platform.system()} {platform.release()}", cores
+    return (
+        f"{model}, {cores} cores, {mem / 2**20:.0f} GiB RAM, {platform.system()} {platform.release()}",
+        cores,
+    )
 
 
 def _software() -> str:
@@ -107,7 +114,8 @@ def _gpu() -> str:
         out = ""
     if out:
         return f"{out} present, not used: this run measures the default (CPU) profile"
-    return "none on this machine, so the gpu/tensorrt profiles were not measured (issue 5's GPU anchors are open)"
+    return ("none on this machine, so the gpu/tensorrt profiles were not measured (issue 5's GPU anchors "
+            "are open)")
 
 
 def run_phase(name: str, cfg: dict, workdir: Path, loads: list[str], resume: bool = False) -> dict:
@@ -145,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     options = {"steps": steps, "strength": args.strength, "guidance": args.guidance, "seed": args.seed}
     # The warm-up swap runs every model once at the timed shapes, with few steps.
     warmup = {**options, "steps": 2, "strength": 1.0}
-    # Two concurrent swaps (does unet batch their steps?) at a few steps: the point is the batching, not the time.
+    # Two concurrent swaps (does unet batch their steps?) at a few steps: the point is the batching, not the
+    # time.
     concurrent = options if quick else {**options, "steps": 4, "strength": 1.0}
     scenes = [s.strip() for s in args.scenes.split(",") if s.strip()]
     machine, cores = _machine()
-    workdir = args.cache.resolve() / profile / "work"  # phase configs and results, saved inputs, the server log
+    # phase configs and results, saved inputs, the server log
+    workdir = args.cache.resolve() / profile / "work"
     if not args.resume:
         shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                  "checkpoints": str(args.checkpoints.resolve()) if args.checkpoints else None,
                  "repository": str(args.fast_repository.resolve()) if args.fast_repository else None},
     }
-    command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m bench " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     say(f"{command}: {profile} models, SAM {sam}, scenes {scenes}, {runs} run(s), {steps} steps at strength "
         f"{args.strength}; work files in {workdir}")
     loads: list[str] = []
@@ -202,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     results["flops"] = _flops(cfg, results, peaks, scenes[0])
     results["meta"] = {
         "profile": profile, "models": _models_label(quick, sam), "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine, "cores": cores, "software": _software(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine, "cores": cores,
+        "software": _software(),
         "settings": f"configurations 1a-3: {steps} steps (DPM-Solver++ multistep; img2img runs int(steps x "
                     f"strength) = {int(steps * args.strength)}), strength {args.strength}, guidance "
                     f"{args.guidance}; configuration 4: its LCM scheduler's defaults ({C.LCM_STEPS} steps: "
@@ -260,8 +273,11 @@ def _flops(cfg: dict, results: dict, peaks: list[dict[str, float]], scene: str) 
     from bench.flops import unet_step_flops  # noqa: PLC0415
     from bench.models import Checkpoints  # noqa: PLC0415
 
-    checkpoints = Path(cfg["checkpoints"]) if cfg.get("checkpoints") else Path(cfg["cache"]) / cfg["profile"] / \
-        "checkpoints"
+    checkpoints = (
+        Path(cfg["checkpoints"])
+        if cfg.get("checkpoints")
+        else Path(cfg["cache"]) / cfg["profile"] / "checkpoints"
+    )
     sd = Checkpoints.in_folder(checkpoints, cfg["sam"]).sd
     latent = tuple(cfg["latent"])
     flops = unet_step_flops(sd, latent)
@@ -280,7 +296,9 @@ def _flops(cfg: dict, results: dict, peaks: list[dict[str, float]], scene: str) 
 
 def _models_label(quick: bool, sam: str) -> str:
     if quick:
-        return "small test checkpoints (tiny SAM, small LaMa, tiny SD): smoke check only, timings mean nothing"
+        return (
+            "small test checkpoints (tiny SAM, small LaMa, tiny SD): smoke check only, timings mean nothing"
+        )
     return f"random weights at full size: SAM {sam}, big-lama (ngf 64, 18 blocks), Stable Diffusion 1.5"
 
 
@@ -288,14 +306,14 @@ def _notes(results: dict, clicks: dict[str, dict]) -> list[str]:
     notes = []
     for name, entry in clicks.items():
         x, y = entry["click"]
-        notes.append(f"{name}: the swaps click at {x:.0f},{y:.0f}, candidate {entry['tried']} of the clicks tried on the "
-                     f"person, where this random-weight SAM {'finds' if entry['found'] else 'does not find'} someone "
-                     "(most clicks give a speckled mask that cleans away to nobody, and a click on nothing skips LaMa "
-                     "and the diffusion).")
+        notes.append(f"{name}: the swaps click at {x:.0f},{y:.0f}, candidate {entry['tried']} of the clicks "
+                     "tried on the person, where this random-weight SAM "
+                     f"{'finds' if entry['found'] else 'does not find'} someone (most clicks give a speckled "
+                     "mask that cleans away to nobody, and a click on nothing skips LaMa and the diffusion).")
     for name, entry in results.get("onnxruntime", {}).get("scenes", {}).items():
-        notes.append(f"{name}: SAM's cleaned mask covers {100 * entry['mask_fraction']:.1f} % of the photo (random "
-                     f"weights: not the astronaut's shape), and the crops follow it: person crop {entry['person_crop'][0]}x"
-                     f"{entry['person_crop'][1]} (diffused at that size), LaMa input {entry['lama_input'][0]}x"
-                     f"{entry['lama_input'][1]}. Trained weights give other crop sizes; the models' costs per "
-                     "pixel are the same.")
+        notes.append(f"{name}: SAM's cleaned mask covers {100 * entry['mask_fraction']:.1f} % of the photo "
+                     "(random weights: not the astronaut's shape), and the crops follow it: person crop "
+                     f"{entry['person_crop'][0]}x{entry['person_crop'][1]} (diffused at that size), LaMa "
+                     f"input {entry['lama_input'][0]}x{entry['lama_input'][1]}. Trained weights give other "
+                     "crop sizes; the models' costs per pixel are the same.")
     return notes

@@ -19,9 +19,9 @@ def _best_seconds(fn, repeats: int) -> float:
 
 
 def matmul_peak_gflops(size: int = 4096, repeats: int = 4) -> dict[str, float]:
-    """Best float32 GFLOP/s of ``size``-square matmuls on all cores, per library: onnxruntime's MatMul (MLAS, what
-    the served graphs run on), torch (its BLAS), numpy (its BLAS). The machine's peak is the best of them: on AMD
-    CPUs MKL (torch) takes its AVX2 path while MLAS uses AVX-512, about 2x apart."""
+    """Best float32 GFLOP/s of ``size``-square matmuls on all cores, per library: onnxruntime's MatMul (MLAS,
+    what the served graphs run on), torch (its BLAS), numpy (its BLAS). The machine's peak is the best of
+    them: on AMD CPUs MKL (torch) takes its AVX2 path while MLAS uses AVX-512, about 2x apart."""
     import numpy as np  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
     import torch  # noqa: PLC0415
@@ -49,8 +49,8 @@ def matmul_peak_gflops(size: int = 4096, repeats: int = 4) -> dict[str, float]:
 def unet_step_flops(sd_folder: Path, latent: tuple[int, int], batch: int = 2) -> int:
     """FLOPs (multiply-adds x2 of convolutions and matmuls, torch's FlopCounterMode) of one UNet call.
 
-    ``batch`` 2 is one classifier-free-guidance step; ``latent`` is (h, w) in latent cells. The UNet is built on the
-    meta device from the folder's config, so counting costs no memory and no compute.
+    ``batch`` 2 is one classifier-free-guidance step; ``latent`` is (h, w) in latent cells. The UNet is built
+    on the meta device from the folder's config, so counting costs no memory and no compute.
     """
     import torch  # noqa: PLC0415
     from diffusers import UNet2DConditionModel  # noqa: PLC0415

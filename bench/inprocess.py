@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from isekai.ensemble.diffusion import DiffusionOptions
-
 from bench.onnx_pipeline import OnnxPipeline
 from bench.timing import StageTimer, median, say
+from isekai.ensemble.diffusion import DiffusionOptions
 
 
 def step_progress(label: str):

@@ -1,14 +1,15 @@
 """The speed levers of issue 5, each measured against the current default on the benchmark's own inputs.
 
-Every lever is a :class:`Lever` row: what was measured, the default (``a``) and the alternative (``b``), and the
-verdict (kept / not kept / not built, and why). Inputs come from the onnxruntime phase (``inputs-<scene>.npz``: the
-scene's LaMa inputs, hole, person crop and its DPM-Solver++ character), so the levers run on real crop sizes.
-Levers that only a server shows (dynamic batching of ``unet``, the embedding cache) are measured in
-:mod:`bench.served` and joined in the report.
+Every lever is a :class:`Lever` row: what was measured, the default (``a``) and the alternative (``b``), and
+the verdict (kept / not kept / not built, and why). Inputs come from the onnxruntime phase
+(``inputs-<scene>.npz``: the scene's LaMa inputs, hole, person crop and its DPM-Solver++ character), so the
+levers run on real crop sizes. Levers that only a server shows (dynamic batching of ``unet``, the embedding
+cache) are measured in :mod:`bench.served` and joined in the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -16,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.onnx_pipeline import OnnxPipeline, config_parameters, ort_session
+from bench.timing import StageTimer, median, say, time_calls
 from isekai import constants as C
 from isekai.ensemble.crops import CropGeometry, lama_inputs
 from isekai.ensemble.diffusion import DiffusionOptions
 from isekai.ensemble.sam_transforms import SamTransform
 from isekai.serving.ort_options import session_options
-
-from bench.onnx_pipeline import OnnxPipeline, config_parameters, ort_session
-from bench.timing import StageTimer, median, say, time_calls
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,14 @@ def _status_bytes(key: str) -> int:
 
 def _reset_peak_rss() -> None:
     """Start this process's VmHWM (peak RSS) over from its current RSS (Linux: clear_refs 5)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _session_run(path: Path, options, feed: dict, repeats: int) -> dict:
-    """Create a session with ``options``, run ``feed``: creation seconds, median run seconds, and memory above what
-    the process held before: at the peak, and still held after the runs (what a server keeps between requests)."""
+    """Create a session with ``options``, run ``feed``: creation seconds, median run seconds, and memory above
+    what the process held before: at the peak, and still held after the runs (what a server keeps between
+    requests)."""
     import gc  # noqa: PLC0415
 
     gc.collect()
@@ -68,7 +67,7 @@ def _session_run(path: Path, options, feed: dict, repeats: int) -> dict:
     session = ort_session(path, options)
     create = time.perf_counter() - t0
     loaded = _status_bytes("VmRSS") - before
-    runs = time_calls(lambda: session.run(None, feed), repeats)
+    runs = time_calls(lambda s=session: s.run(None, feed), repeats)
     result = {"create_s": create, "run_s": median(runs), "loaded_bytes": loaded,
               "peak_bytes": _status_bytes("VmHWM") - before, "held_bytes": _status_bytes("VmRSS") - before}
     del session
@@ -94,7 +93,8 @@ def session_option_levers(models, feed: dict, repeats: int) -> list[Lever]:
     first = _session_run(path, session_options(params), feed, repeats)
     say(f"levers: LaMa default session {first['run_s']:.2f} s/run")
     variants = {"threads=1": _options(params, intra_op_num_threads=1)}
-    levels = (("ORT_DISABLE_ALL", "disabled"), ("ORT_ENABLE_BASIC", "basic"), ("ORT_ENABLE_EXTENDED", "extended"))
+    levels = (("ORT_DISABLE_ALL", "disabled"), ("ORT_ENABLE_BASIC", "basic"),
+              ("ORT_ENABLE_EXTENDED", "extended"))
     for level, label in levels:
         variants[label] = _options(params, graph_optimization_level=level)
     measured = {}
@@ -108,35 +108,37 @@ def session_option_levers(models, feed: dict, repeats: int) -> list[Lever]:
     say(f"levers: LaMa default session again {again['run_s']:.2f} s/run")
     rows = []
     one = measured["threads=1"]
-    rows.append(Lever("ORT intra-op threads", "LaMa run at the scene's crop", f"{cores} (= cores)", default["run_s"],
-                      "1", one["run_s"], "s",
+    rows.append(Lever("ORT intra-op threads", "LaMa run at the scene's crop", f"{cores} (= cores)",
+                      default["run_s"], "1", one["run_s"], "s",
                       "kept: threads = cores (config parameter intra_op_threads, 0 = all cores)"
-                      if default["run_s"] <= one["run_s"] else "not kept: one thread was faster here (noise?)"))
+                      if default["run_s"] <= one["run_s"]
+                      else "not kept: one thread was faster here (noise?)"))
     for _, label in levels:
         other = measured[label]
         rows.append(Lever(f"ORT graph optimization: all vs {label}", "LaMa run at the scene's crop", "all",
                           default["run_s"], label, other["run_s"], "s",
                           "kept: ORT_ENABLE_ALL" if default["run_s"] <= other["run_s"] * 1.03
-                          else f"kept all, though {label} was faster on LaMa here (all's layout transforms pay on "
-                               "the UNet: see its row)"))
+                          else f"kept all, though {label} was faster on LaMa here (all's layout transforms "
+                               "pay on the UNet: see its row)"))
     return rows
 
 
 def arena_lever(models, model: str, feed: dict, measure: str, repeats: int) -> Lever:
-    """onnxruntime's CPU memory arena on vs off for ``model``: time, and the memory the session holds after a run."""
+    """onnxruntime's CPU memory arena on vs off for ``model``: time, and the memory the session holds after a
+    run."""
     path = models.onnx_path(model)
     params = config_parameters(models.repository, model)
     results = {}
     for arena in (True, False):
         results[arena] = r = _session_run(path, _options(params, enable_cpu_mem_arena=arena), feed, repeats)
         say(f"levers: {model} memory arena {'on' if arena else 'off'}: {r['run_s']:.2f} s/run, weights "
-            f"{r['loaded_bytes'] / 2**30:.2f} GiB, peak +{r['peak_bytes'] / 2**30:.2f} GiB, held after the runs "
-            f"+{r['held_bytes'] / 2**30:.2f} GiB")
+            f"{r['loaded_bytes'] / 2**30:.2f} GiB, peak +{r['peak_bytes'] / 2**30:.2f} GiB, held after the "
+            f"runs +{r['held_bytes'] / 2**30:.2f} GiB")
     on, off = results[True], results[False]
     configured = params.get("cpu_mem_arena", "true")
     gib = 2**30
-    memory = (f"held after a run {on['held_bytes'] / gib:.2f} GiB on vs {off['held_bytes'] / gib:.2f} GiB off, peak "
-              f"{on['peak_bytes'] / gib:.2f} vs {off['peak_bytes'] / gib:.2f}")
+    memory = (f"held after a run {on['held_bytes'] / gib:.2f} GiB on vs {off['held_bytes'] / gib:.2f} GiB "
+              f"off, peak {on['peak_bytes'] / gib:.2f} vs {off['peak_bytes'] / gib:.2f}")
     verdict = ("kept off (config parameter cpu_mem_arena false)" if configured == "false" else
                "kept on (its config keeps the default)")
     return Lever(f"ORT memory arena ({model})", measure, "on", on["run_s"], "off", off["run_s"], "s",
@@ -166,28 +168,29 @@ def unet_levers(models, pipe: OnnxPipeline, latent: tuple[int, int], scene_size:
                   "kept: one batch-2 call" if batch2 <= two_calls else
                   "kept for serving anyway (one BLS round trip per step, and batching across requests); "
                   "two batch-1 calls were faster in-process here")]
-    # Diffusion on the whole scene instead of the person's crop, the scene resized to 1.5x SD's native long side
-    # (the person gets fewer pixels than in the crop, and the step already costs several times more; at the
-    # exported UNet's limit, 1024, one attention matrix alone would take ~5 GB).
+    # Diffusion on the whole scene instead of the person's crop, the scene resized to 1.5x SD's native long
+    # side (the person gets fewer pixels than in the crop, and the step already costs several times more; at
+    # the exported UNet's limit, 1024, one attention matrix alone would take ~5 GB).
     limit = 3 * C.SD_NATIVE_SIZE // 2
     h, w = scene_size
     scale = limit / max(h, w)
     whole = tuple(max(C.SD_SIZE_MULTIPLE, round(s * scale / C.SD_SIZE_MULTIPLE) * C.SD_SIZE_MULTIPLE) // 8
                   for s in (h, w))
     whole_feed = unet_feed(whole, 2, hidden)
-    # One call, no warm-up: at ~4x the crop's latent cells (and its attention's square) one call is long enough.
+    # One call, no warm-up: at ~4x the crop's latent cells (and its attention's square) one call is long
+    # enough.
     whole_step = median(time_calls(lambda: unet.run(None, whole_feed), 1, warmup=0))
     say(f"levers: UNet step on the whole scene at latent {whole}: {whole_step:.2f} s")
     rows.append(Lever("diffusion on the person crop (512 long side)", "one UNet step (batch 2)",
                       f"crop, latent {latent[0]}x{latent[1]}", batch2,
-                      f"whole scene at {whole[0] * 8}x{whole[1] * 8}, latent {whole[0]}x{whole[1]}", whole_step, "s",
-                      "kept: the crop at SD's native size"))
+                      f"whole scene at {whole[0] * 8}x{whole[1] * 8}, latent {whole[0]}x{whole[1]}",
+                      whole_step, "s", "kept: the crop at SD's native size"))
     params = config_parameters(models.repository, C.UNET_MODEL)
-    basic = _session_run(models.onnx_path(C.UNET_MODEL), _options(params, graph_optimization_level="ORT_ENABLE_BASIC"),
-                         pair, repeats)
+    basic = _session_run(models.onnx_path(C.UNET_MODEL),
+                         _options(params, graph_optimization_level="ORT_ENABLE_BASIC"), pair, repeats)
     say(f"levers: UNet graph optimization basic: {basic['run_s']:.2f} s/step")
-    rows.append(Lever("ORT graph optimization on the UNet: all vs basic", "one UNet step (batch 2)", "all", batch2,
-                      "basic", basic["run_s"], "s",
+    rows.append(Lever("ORT graph optimization on the UNet: all vs basic", "one UNet step (batch 2)", "all",
+                      batch2, "basic", basic["run_s"], "s",
                       "kept: ORT_ENABLE_ALL" if batch2 <= basic["run_s"] * 1.02 else
                       "basic was as fast here; kept all"))
     return rows
@@ -195,13 +198,15 @@ def unet_levers(models, pipe: OnnxPipeline, latent: tuple[int, int], scene_size:
 
 def scheduler_lever(pipe: OnnxPipeline, inputs, options: DiffusionOptions, dpm_s: float | None,
                     results_dir: Path, repeats_label: str) -> tuple[Lever, Path]:
-    """PNDM at 50 steps against DPM-Solver++ at the request's steps, same crop, strength, guidance and seed."""
+    """PNDM at 50 steps against DPM-Solver++ at the request's steps, same crop, strength, guidance and
+    seed."""
     from diffusers import PNDMScheduler  # noqa: PLC0415
 
     from bench.inprocess import step_progress  # noqa: PLC0415
 
     crop = inputs["person_image"]
-    pndm_options = DiffusionOptions(steps=50, strength=options.strength, guidance=options.guidance, seed=options.seed)
+    pndm_options = DiffusionOptions(steps=50, strength=options.strength, guidance=options.guidance,
+                                    seed=options.seed)
     timer = StageTimer()
     t0 = time.perf_counter()
     pndm = pipe.img2img(crop, pndm_options, timer, scheduler_cls=PNDMScheduler,
@@ -210,7 +215,8 @@ def scheduler_lever(pipe: OnnxPipeline, inputs, options: DiffusionOptions, dpm_s
     calls = len(timer.calls["unet_step"])
     png = results_dir / f"scheduler-dpm{options.steps}-vs-pndm50{repeats_label}.png"
     side_by_side([crop, inputs["character"], pndm], png)
-    lever = Lever("scheduler: DPM-Solver++ vs PNDM 50", f"img2img at strength {options.strength} (PNDM: {calls} UNet "
+    lever = Lever("scheduler: DPM-Solver++ vs PNDM 50",
+                  f"img2img at strength {options.strength} (PNDM: {calls} UNet "
                   "calls)", f"DPM-Solver++ {options.steps} steps", dpm_s, "PNDM 50 steps", pndm_s, "s",
                   f"kept: DPM-Solver++ {options.steps} (outputs side by side: {png.name})")
     return lever, png
@@ -225,7 +231,8 @@ def side_by_side(images: list[np.ndarray], path: Path, long_side: int = 256) -> 
         tile = Image.fromarray(image)
         tile.thumbnail((long_side, long_side))
         tiles.append(tile)
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)),
+    canvas = Image.new("RGB",
+                       (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)),
                        "white")
     x = 0
     for tile in tiles:
@@ -243,7 +250,7 @@ def lama_levers(models, fft_onnx: Path, scene_inputs: dict, repeats: int) -> lis
     for name, inputs in scene_inputs.items():
         feed = {C.LAMA_IN_IMAGE: inputs["lama_image"], C.LAMA_IN_MASK: inputs["lama_mask"]}
         a = median(time_calls(lambda f=feed: matmul.run(None, f), repeats))
-        b = median(time_calls(lambda f=feed: onnx_dft.run(None, f), repeats))
+        b = median(time_calls(lambda f=feed, s=onnx_dft: s.run(None, f), repeats))
         h, w = feed[C.LAMA_IN_IMAGE].shape[2:]
         say(f"levers: LaMa {name} crop {h}x{w}: matmul DFT {a:.2f} s, ONNX DFT {b:.2f} s")
         rows.append(Lever(f"LaMa FFT as matmul ({name})", f"LaMa at the crop, {h}x{w}", "matmul (cos/sin)", a,
@@ -261,7 +268,8 @@ def lama_levers(models, fft_onnx: Path, scene_inputs: dict, repeats: int) -> lis
     a = median(time_calls(lambda: matmul.run(None, crop_feed), repeats))
     b = median(time_calls(lambda: matmul.run(None, {C.LAMA_IN_IMAGE: image, C.LAMA_IN_MASK: mask}), 1))
     ch, cw = crop_feed[C.LAMA_IN_IMAGE].shape[2:]
-    say(f"levers: LaMa {name}: crop {ch}x{cw} {a:.2f} s, whole scene {image.shape[2]}x{image.shape[3]} {b:.2f} s")
+    say(f"levers: LaMa {name}: crop {ch}x{cw} {a:.2f} s, whole scene {image.shape[2]}x{image.shape[3]} "
+        f"{b:.2f} s")
     rows.append(Lever("LaMa on a crop around the mask", f"LaMa on the {name} scene",
                       f"crop (hole box + margin, long side <= {C.LAMA_WORKING_SIZE}): {ch}x{cw}", a,
                       f"whole scene {image.shape[2]}x{image.shape[3]}", b, "s", "kept: the crop"))
@@ -269,7 +277,8 @@ def lama_levers(models, fft_onnx: Path, scene_inputs: dict, repeats: int) -> lis
 
 
 def transfer_lever(inputs, options: DiffusionOptions, e2e_s: float | None, hidden: int) -> Lever:
-    """IO binding / DLPack between BLS calls: what the copies they would save cost, measured as memcpy time."""
+    """IO binding / DLPack between BLS calls: what the copies they would save cost, measured as memcpy
+    time."""
     crop = inputs["person_image"]
     h, w = crop.shape[:2]
     lh, lw = h // 8, w // 8
@@ -287,7 +296,8 @@ def transfer_lever(inputs, options: DiffusionOptions, e2e_s: float | None, hidde
     # A BLS call copies inputs into the stub's shared memory and outputs back out: two copies of every byte.
     per_swap = 2 * copy_s
     share = f" = {100 * per_swap / e2e_s:.3f} % of the swap" if e2e_s else ""
-    return Lever("IO binding / DLPack between BLS calls", f"copies of the {moved / 2**20:.0f} MiB a swap moves between "
+    return Lever("IO binding / DLPack between BLS calls",
+                 f"copies of the {moved / 2**20:.0f} MiB a swap moves between "
                  "stages", "copies (now)", per_swap, "zero-copy", 0.0, "s",
                  f"not built: the copies cost {per_swap * 1e3:.0f} ms per swap{share}")
 
@@ -316,7 +326,8 @@ def load_inputs(models, scene, workdir: Path, options: DiffusionOptions, nonce: 
     path = workdir / f"inputs-{scene.name}.npz"
     if not path.exists():
         say(f"levers: no saved inputs for {scene.name}; one in-process swap to make them")
-        out = OnnxPipeline(models.repository).swap(scene.png(f"{nonce}-levers"), scene.click, options, StageTimer())
+        out = OnnxPipeline(models.repository).swap(scene.png(f"{nonce}-levers"), scene.click, options,
+                                                   StageTimer())
         save_inputs(path, scene, out)
     with np.load(path) as data:
         return {k: data[k] for k in data.files}

@@ -2,9 +2,10 @@
 
 Two profiles:
 
-- ``full``: the real architectures at full size with random weights (they cost the same to run as trained ones):
-  SAM vit_h (or vit_b), big-lama (ngf 64, 18 FFC blocks), Stable Diffusion 1.5. Made by the project's own checkpoint
-  makers in the real on-disk formats and exported by the project's own exporters, exactly as ``isekai export`` does.
+- ``full``: the real architectures at full size with random weights (they cost the same to run as trained
+  ones): SAM vit_h (or vit_b), big-lama (ngf 64, 18 FFC blocks), Stable Diffusion 1.5. Made by the project's
+  own checkpoint makers in the real on-disk formats and exported by the project's own exporters, exactly as
+  ``isekai export`` does.
 - ``quick``: the small checkpoints the tests and the demo use (``isekai export demo``), for a smoke run.
 
 Layout under the cache folder (default ``.cache/bench/<profile>``)::
@@ -16,8 +17,8 @@ Layout under the cache folder (default ``.cache/bench/<profile>``)::
     repository-<sam type>/   the Triton repository: configs copied from model_repository/, graphs hard-linked
     lama-fft-onnx.onnx       the LaMa graph exported with the ONNX DFT operator (the FFT lever)
 
-Re-running skips every checkpoint and export that exists (an export counts once its ``.done`` marker is written),
-so only the first full run pays the export (SD 1.5: ~80 s and a 3.4 GB UNet).
+Re-running skips every checkpoint and export that exists (an export counts once its ``.done`` marker is
+written), so only the first full run pays the export (SD 1.5: ~80 s and a 3.4 GB UNet).
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ def prepare(profile: str, sam_type: str, cache: Path = DEFAULT_CACHE, *, reposit
             checkpoints: Path | None = None) -> BenchModels:
     """Checkpoints and an exported repository for ``profile``, made or found in ``cache / profile``.
 
-    ``repository`` and ``checkpoints`` (both or neither) use an existing exported repository and the checkpoints it
-    was exported from instead (the smoke test passes the test suite's small-checkpoint repository).
+    ``repository`` and ``checkpoints`` (both or neither) use an existing exported repository and the
+    checkpoints it was exported from instead (the smoke test passes the test suite's small-checkpoint
+    repository).
     """
     from isekai.export.demo import build_demo_repository, copy_configs  # noqa: PLC0415
 
@@ -183,7 +185,8 @@ def prepare(profile: str, sam_type: str, cache: Path = DEFAULT_CACHE, *, reposit
     if (repository is None) != (checkpoints is None):
         raise ValueError("give both --repository and --checkpoints, or neither")
     if repository is not None:
-        return BenchModels(profile, sam_type, Checkpoints.in_folder(checkpoints, sam_type), Path(repository), None)
+        return BenchModels(profile, sam_type, Checkpoints.in_folder(checkpoints, sam_type), Path(repository),
+                           None)
     if profile == "quick":
         repo = build_demo_repository(root / "model_repository", root / "checkpoints")
         return BenchModels(profile, "tiny", Checkpoints.in_folder(root / "checkpoints", "tiny"), repo, None)
@@ -213,8 +216,8 @@ def lama_fft_onnx(models: BenchModels, cache: Path = DEFAULT_CACHE) -> Path:
 
     folder = Path(cache) / models.profile / "graphs" / "lama-fft-onnx"
     part = _export_part(folder, lambda d: export_lama(models.checkpoints.lama_checkpoint,
-                                                      models.checkpoints.lama_config, output=d / C.ONNX_FILENAME,
-                                                      fft="onnx"))
+                                                      models.checkpoints.lama_config,
+                                                      output=d / C.ONNX_FILENAME, fft="onnx"))
     return part / C.ONNX_FILENAME
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.timing import StageTimer
 from isekai import constants as C
 from isekai.ensemble.characters import CharacterStore
 from isekai.ensemble.compose import Prepared, compose_scene, prepare_person, public_mask
@@ -25,8 +26,6 @@ from isekai.ensemble.diffusion import DiffusionOptions, img2img, scheduler_class
 from isekai.ensemble.images import decode_image, encode_image
 from isekai.ensemble.sam_transforms import SamTransform
 from isekai.serving.ort_options import session_options
-
-from bench.timing import StageTimer
 
 # The graphs one swap runs (text_encoder only runs for a request's own prompt: characters are precomputed).
 SWAP_MODELS = (C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL, C.LAMA_MODEL, C.UNET_MODEL, C.VAE_ENCODER_MODEL,
@@ -38,7 +37,8 @@ def config_parameters(repository: Path, model: str) -> dict[str, str]:
     from google.protobuf import text_format  # noqa: PLC0415
     from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
 
-    config = text_format.Parse((repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = text_format.Parse((repository / model / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
@@ -68,12 +68,13 @@ class OnnxPipeline:
         self.sessions = {}
         for model in models:
             opts = options(model) if options else session_options(config_parameters(self.repository, model))
-            self.sessions[model] = ort_session(self.repository / model / C.MODEL_VERSION / C.ONNX_FILENAME, opts)
+            self.sessions[model] = ort_session(self.repository / model / C.MODEL_VERSION / C.ONNX_FILENAME,
+                                               opts)
 
     def run(self, model: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions[model].run(None, dict(feed))
 
-    # -- the stages --------------------------------------------------------------------------------------------
+    # -- the stages ------------------------------------------------------------------------------------------
     def encode(self, rgb: np.ndarray) -> np.ndarray:
         """SAM image embedding float32 [1, 256, 64, 64] of uint8 [H, W, 3] RGB."""
         return self.run(C.SAM_ENCODER_MODEL, {C.SAM_ENC_IN_IMAGE: self.sam.encoder_input(rgb)})[0]
@@ -82,7 +83,8 @@ class OnnxPipeline:
                labels: np.ndarray | None, box: np.ndarray | None = None, mask_input: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """SAM decoder: (masks [1,1,H,W] logits, iou [1,1], low_res [1,1,256,256]) for clicks in pixels."""
-        feed = self.sam.decoder_inputs(points, labels, box, size, mask_input=mask_input, embeddings=embeddings)
+        feed = self.sam.decoder_inputs(points, labels, box, size, mask_input=mask_input,
+                                       embeddings=embeddings)
         masks, iou, low = self.run(C.SAM_DECODER_MODEL, feed)
         return masks, iou, low
 
@@ -104,7 +106,8 @@ class OnnxPipeline:
                 "vae_decode": timer.wrap("vae_decoder", vae_decode)}
 
     def img2img(self, crop: np.ndarray, options: DiffusionOptions, timer: StageTimer,
-                scheduler_cls: type | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                scheduler_cls: type | None = None,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The served diffusion: the repository's scheduler (pipeline.json), or ``scheduler_cls``."""
         config = self.store.config
         cls = scheduler_cls or scheduler_class(config.scheduler)
@@ -112,7 +115,7 @@ class OnnxPipeline:
                        scheduler_config=config.scheduler_config, scaling_factor=config.scaling_factor,
                        progress=progress, scheduler_cls=cls)
 
-    # -- the whole swap ----------------------------------------------------------------------------------------
+    # -- the whole swap --------------------------------------------------------------------------------------
     def swap(self, image: bytes, click: tuple[float, float], options: DiffusionOptions, timer: StageTimer,
              progress: Callable[[int, int], None] | None = None, *, parallel: bool = True,
              silhouette: str = C.DEFAULT_SILHOUETTE) -> SwapOutput:
@@ -153,15 +156,16 @@ class OnnxPipeline:
                 logits, _, _ = self.decode(crop_embeddings, character.shape[:2], None, None,
                                            prepared.character_box)
         with timer("compose"):
-            result, background = compose_scene(rgb, prepared.mask, prepared.hole, inpainted, prepared.lama_geometry,
-                                               character, logits, prepared.person_geometry)
+            result, background = compose_scene(rgb, prepared.mask, prepared.hole, inpainted,
+                                               prepared.lama_geometry, character, logits,
+                                               prepared.person_geometry)
             encoded = encode_image(result, "png"), encode_image(background, "png")
         return SwapOutput(*encoded, prepared, character)
 
 
 def person_clicks(repository: Path, scenes, cache_file: Path) -> dict[str, dict]:
-    """Per scene, a click for which the exported SAM finds a person (:func:`bench.scenes.pick_click`); cached in
-    ``cache_file`` per SAM graph, since it costs one encoder run per scene."""
+    """Per scene, a click for which the exported SAM finds a person (:func:`bench.scenes.pick_click`); cached
+    in ``cache_file`` per SAM graph, since it costs one encoder run per scene."""
     import json  # noqa: PLC0415
 
     from bench.scenes import pick_click  # noqa: PLC0415
@@ -181,7 +185,7 @@ def person_clicks(repository: Path, scenes, cache_file: Path) -> dict[str, dict]
         say(f"clicks: looking for a click where this SAM finds a person in the {scene.name} scene")
         embeddings = pipe.encode(scene.rgb)
 
-        def finds(click, scene=scene, embeddings=embeddings) -> bool:
+        def finds(click, scene=scene, embeddings=embeddings, pipe=pipe) -> bool:
             points, labels = np.array([click], np.float32), np.array([1], np.int32)
             masks, _, _ = pipe.decode(embeddings, scene.size, points, labels)
             return prepare_person(scene.rgb, masks, points, labels).found
@@ -189,8 +193,8 @@ def person_clicks(repository: Path, scenes, cache_file: Path) -> dict[str, dict]
         click, tried = pick_click(scene, finds)
         found = finds(click)
         cached["scenes"][scene.name] = {"click": list(click), "tried": tried, "found": found}
-        say(f"clicks: {scene.name}: click {click[0]:.0f},{click[1]:.0f} ({'finds a person' if found else 'finds nobody'}"
-            f", {tried} tried)")
+        say(f"clicks: {scene.name}: click {click[0]:.0f},{click[1]:.0f} "
+            f"({'finds a person' if found else 'finds nobody'}, {tried} tried)")
     cache_file.write_text(json.dumps(cached, indent=2))
     return {name: cached["scenes"][name] for name in (s.name for s in scenes)}
 

@@ -1,15 +1,17 @@
-"""perf_analyzer against ``isekai`` and ``isekai_segment``: ``scripts/perf-analyzer`` runs this after its setup.
+"""perf_analyzer against ``isekai`` and ``isekai_segment``: ``scripts/perf-analyzer`` runs this after its
+setup.
 
-For each model and concurrency (1, 2, 4) it runs Triton's perf_analyzer (gRPC, real request data: an encoded photo
-and a click) and reads Triton's metrics endpoint before and after, so each row has perf_analyzer's throughput and
-latency percentiles and the server's own account of the run: requests, failures, and queue vs compute time per
-model. Without ``--url`` it starts the embedded Triton on the small-checkpoint repository (``python -m bench --quick``'s)
-on free loopback ports.
+For each model and concurrency (1, 2, 4) it runs Triton's perf_analyzer (gRPC, real request data: an encoded
+photo and a click) and reads Triton's metrics endpoint before and after, so each row has perf_analyzer's
+throughput and latency percentiles and the server's own account of the run: requests, failures, and queue vs
+compute time per model. Without ``--url`` it starts the embedded Triton on the small-checkpoint repository
+(``python -m bench --quick``'s) on free loopback ports.
 
 Request data (``--input-data``): a BYTES input goes as ``b64`` of Triton's serialized form of the tensor (each
-element prefixed by its uint32 little-endian length) with an explicit ``shape``; numeric inputs as ``content``.
-Every request sends the same photo, so after the first one the embedding cache answers: ``isekai_segment`` rows are
-the further clicks of the interactive loop, ``isekai`` rows the generate call after them.
+element prefixed by its uint32 little-endian length) with an explicit ``shape``; numeric inputs as
+``content``. Every request sends the same photo, so after the first one the embedding cache answers:
+``isekai_segment`` rows are the further clicks of the interactive loop, ``isekai`` rows the generate call
+after them.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from isekai import constants as C
-from isekai.client import api
-
 from bench.models import DEFAULT_CACHE, ROOT
 from bench.timing import say
+from isekai import constants as C
+from isekai.client import api
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results"
 ASTRONAUT_CLICK = (200.0, 300.0)
@@ -95,25 +96,28 @@ def run_one(perf_analyzer: str, model: str, url: str, metrics_url: str, data: Pa
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    out = [f"# perf_analyzer: {meta['target']}", "", f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
-           f"Machine: {meta['machine']}  ", f"Requests: {meta['requests']}", "",
+    out = [f"# perf_analyzer: {meta['target']}", "", f"Command: `{meta['command']}`  ",
+           f"Date: {meta['date']}  ", f"Machine: {meta['machine']}  ", f"Requests: {meta['requests']}", "",
            "| model | concurrency | req/s | p50 | p95 | p99 | requests | errors |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "throughput_rps" in r:
-            out.append(f"| {r['model']} | {r['concurrency']} | {r['throughput_rps']:.2f} | {r['p50_ms']:.0f} ms | "
-                       f"{r['p95_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {r['requests']} | {r['errors']} |")
+            out.append(
+                f"| {r['model']} | {r['concurrency']} | {r['throughput_rps']:.2f} | {r['p50_ms']:.0f} "
+                f"ms | {r['p95_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {r['requests']} | {r['errors']} |"
+            )
         else:
             out.append(f"| {r['model']} | {r['concurrency']} | failed: {' '.join(r['error'])} | | | | "
                        f"{r['requests']} | {r['errors']} |")
-    out += ["", "Triton's own account of each run (metrics endpoint, before/after): queue vs compute time per model.",
-            ""]
+    out += ["",
+            "Triton's own account of each run (metrics endpoint, before/after): queue vs compute time per "
+            "model.", ""]
     for r in rows:
         out += [f"{r['model']}, concurrency {r['concurrency']}:", "",
                 "| model | requests | failures | executions | queue ms/request | compute ms/request |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        out += [f"| {m['model']} | {m['requests']} | {m['failures']} | {m['executions']} | {m['queue_ms']:.1f} | "
-                f"{m['compute_ms']:.1f} |" for m in r["models"]]
+        out += [f"| {m['model']} | {m['requests']} | {m['failures']} | {m['executions']} | "
+                f"{m['queue_ms']:.1f} | {m['compute_ms']:.1f} |" for m in r["models"]]
         out.append("")
     return "\n".join(out)
 
@@ -121,21 +125,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perf-analyzer", default="perf_analyzer", help="the perf_analyzer binary")
     parser.add_argument("--url", default=None,
-                        help="gRPC address of a running server (default: start the embedded Triton on --repository)")
+                        help="gRPC address of a running server (default: start the embedded Triton on "
+                             "--repository)")
     parser.add_argument("--metrics-url", default=None, help="its metrics endpoint, host:port (with --url)")
     parser.add_argument("--repository", type=Path, default=None,
-                        help="repository for the embedded server (default: the small checkpoints, made once under "
-                        ".cache/bench/quick)")
-    parser.add_argument("--models", default=f"{api.SEGMENT_MODEL},{api.SWAP_MODEL}", help="models to load-test")
+                        help="repository for the embedded server (default: the small checkpoints, made once "
+                        "under .cache/bench/quick)")
+    parser.add_argument("--models", default=f"{api.SEGMENT_MODEL},{api.SWAP_MODEL}",
+                        help="models to load-test")
     parser.add_argument("--concurrency", default="1,2,4", help="concurrency levels")
     parser.add_argument("--steps", type=int, default=C.DEFAULT_STEPS, help="isekai's denoising steps")
     parser.add_argument("--image", type=Path, default=None,
                         help="photo to send (default: skimage's astronaut, 512x512, clicked at 200,300)")
     parser.add_argument("--click", default=None, help="x,y of the click in --image's pixels")
     parser.add_argument("--requests", default=f"{api.SEGMENT_MODEL}=40,{api.SWAP_MODEL}=6",
-                        help="requests per measurement window, per model (perf_analyzer --measurement-request-count)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where perf-analyzer.{md,json} go")
-    parser.add_argument("--name", default="perf-analyzer", help="file name (without extension) of the results")
+                        help="requests per measurement window, per model (perf_analyzer "
+                             "--measurement-request-count)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="where perf-analyzer.{md,json} go")
+    parser.add_argument("--name", default="perf-analyzer",
+                        help="file name (without extension) of the results")
 
 
 def _user_args(argv: list[str]) -> list[str]:
@@ -176,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     data = {}
     for model in models:
         data[model] = workdir / f"{model}.input-data.json"
-        data[model].write_text(json.dumps(input_data(image, click, args.steps if model == api.SWAP_MODEL else None)))
+        data[model].write_text(json.dumps(input_data(image, click,
+                                                     args.steps if model == api.SWAP_MODEL else None)))
 
     def measure(url: str, metrics_url: str) -> list[dict]:
         rows = []
@@ -192,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         target = f"server at {args.url}"
         rows = measure(args.url, args.metrics_url)
     else:
-        from isekai.serving.server import ServerOptions, TritonServer, free_port  # noqa: PLC0415
-
         from bench.models import prepare  # noqa: PLC0415
+        from isekai.serving.server import ServerOptions, TritonServer, free_port  # noqa: PLC0415
 
         repository = args.repository or prepare("quick", "tiny").repository
         target = f"embedded Triton on {repository} (small checkpoints unless given)"
@@ -207,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"target": target, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine()[0],
             "python": platform.python_version(),
-            "command": "scripts/perf-analyzer " + " ".join(shlex.quote(a) for a in _user_args(argv or sys.argv[1:])),
-            "requests": f"{target_image}, one click at {click[0]:.0f},{click[1]:.0f}; isekai with steps={args.steps} "
-                        f"(other options at their defaults); per measurement window: {args.requests}"}
+            "command": ("scripts/perf-analyzer "
+                        + " ".join(shlex.quote(a) for a in _user_args(argv or sys.argv[1:]))),
+            "requests": f"{target_image}, one click at {click[0]:.0f},{click[1]:.0f}; isekai with "
+                        f"steps={args.steps} (other options at their defaults); per measurement window: "
+                        f"{args.requests}"}
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     text = markdown(rows, meta)

@@ -1,8 +1,9 @@
 """One phase of the benchmark in its own process: ``python -m bench.phase NAME CONFIG.json OUT.json``.
 
-Each configuration loads its own copy of the full-size models (PyTorch, onnxruntime sessions, a Triton server), so
-the phases run one after another in fresh processes: memory from one never counts against the next, and the
-machine (2 cores, 24 GiB here) never holds two copies at once. ``bench.cli`` writes CONFIG and reads OUT.
+Each configuration loads its own copy of the full-size models (PyTorch, onnxruntime sessions, a Triton
+server), so the phases run one after another in fresh processes: memory from one never counts against the
+next, and the machine (2 cores, 24 GiB here) never holds two copies at once. ``bench.cli`` writes CONFIG and
+reads OUT.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from isekai.ensemble.diffusion import DiffusionOptions
-
 from bench import models as M
 from bench.scenes import scenes as all_scenes
 from bench.scenes import with_click
+from isekai.ensemble.diffusion import DiffusionOptions
 
 
 def _models(cfg: dict) -> M.BenchModels:

@@ -1,7 +1,8 @@
 """The benchmark's photos: skimage's astronaut at 512x512, and the same person placed into a 1920x1080 scene.
 
 Every request of a timed run sends different bytes (a PNG text chunk numbers it) with the same pixels, so the
-server's embedding cache (keyed by the bytes' SHA-256) misses exactly when a run means to measure a cold request.
+server's embedding cache (keyed by the bytes' SHA-256) misses exactly when a run means to measure a cold
+request.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from PIL import Image, PngImagePlugin
 
 # The astronaut's chest in skimage.data.astronaut() (x, y), the click the demo and the tests use.
 ASTRONAUT_CLICK = (200.0, 300.0)
-# Further clicks of the click-look-click rows (x, y in the astronaut's pixels): her face, her other shoulder, and
-# a negative click on the flag behind her.
+# Further clicks of the click-look-click rows (x, y in the astronaut's pixels): her face, her other shoulder,
+# and a negative click on the flag behind her.
 ASTRONAUT_MORE_CLICKS = ((180.0, 150.0, 1), (320.0, 330.0, 1), (460.0, 60.0, 0))
 # The large scene: 1920x1080, the astronaut scaled by LARGE_SCALE with her top-left corner at LARGE_OFFSET.
 LARGE_SIZE = (1080, 1920)  # (H, W)
@@ -29,8 +30,8 @@ LARGE_OFFSET = (576, 312)  # (x, y)
 class Scene:
     """A photo with a person and where a user clicks on them.
 
-    ``rgb`` is uint8 [H, W, 3]; ``click`` and ``more_clicks`` are (x, y) in its pixels (``more_clicks`` carry a
-    label: 1 = the person, 0 = not).
+    ``rgb`` is uint8 [H, W, 3]; ``click`` and ``more_clicks`` are (x, y) in its pixels (``more_clicks`` carry
+    a label: 1 = the person, 0 = not).
     """
 
     name: str
@@ -43,7 +44,8 @@ class Scene:
         return self.rgb.shape[0], self.rgb.shape[1]
 
     def png(self, tag: str = "") -> bytes:
-        """The photo as PNG; a different ``tag`` gives different bytes (another cache key) for the same pixels."""
+        """The photo as PNG; a different ``tag`` gives different bytes (another cache key) for the same
+        pixels."""
         info = PngImagePlugin.PngInfo()
         if tag:
             info.add_text("isekai-bench", tag)
@@ -90,8 +92,8 @@ def scenes(names: list[str]) -> list[Scene]:
 
 
 def candidate_clicks(scene: Scene, grid: int = 6) -> list[tuple[float, float]]:
-    """Clicks on the person to try, in order: the scene's click, its other positive clicks, then a grid over the
-    person's region (the astronaut's box, scaled into the scene)."""
+    """Clicks on the person to try, in order: the scene's click, its other positive clicks, then a grid over
+    the person's region (the astronaut's box, scaled into the scene)."""
     x0, y0 = (0.0, 0.0) if scene.name == "512x512" else LARGE_OFFSET
     scale = 1.0 if scene.name == "512x512" else LARGE_SCALE
     # The astronaut in skimage's photo: about x 40..440, y 40..512.
@@ -102,12 +104,14 @@ def candidate_clicks(scene: Scene, grid: int = 6) -> list[tuple[float, float]]:
     return [scene.click, *((x, y) for x, y, label in scene.more_clicks if label), *grid_clicks]
 
 
-def pick_click(scene: Scene, finds_person: Callable[[tuple[float, float]], bool]) -> tuple[tuple[float, float], int]:
-    """The first of :func:`candidate_clicks` for which ``finds_person(click)`` is true, and how many were tried.
+def pick_click(scene: Scene,
+               finds_person: Callable[[tuple[float, float]], bool]) -> tuple[tuple[float, float], int]:
+    """The first of :func:`candidate_clicks` for which ``finds_person(click)`` is true, and how many were
+    tried.
 
-    With random weights SAM's mask is noise: for most clicks the cleaned mask is too small to count as a person,
-    and the swap then skips LaMa and the diffusion (a click on nothing). The benchmark measures the cost of a swap
-    that finds someone, so it clicks where this SAM does. Falls back to the scene's own click.
+    With random weights SAM's mask is noise: for most clicks the cleaned mask is too small to count as a
+    person, and the swap then skips LaMa and the diffusion (a click on nothing). The benchmark measures the
+    cost of a swap that finds someone, so it clicks where this SAM does. Falls back to the scene's own click.
     """
     candidates = candidate_clicks(scene)
     for k, click in enumerate(candidates, 1):

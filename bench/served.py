@@ -1,9 +1,9 @@
 """Configuration 3: the ``isekai`` ensemble on the embedded Triton (default profile), over gRPC.
 
-Also measures what only a server has: the click-look-click rows (issue 8: first click cold, further clicks from the
-embedding cache, the generate call after the clicks), dynamic batching of ``unet`` across two concurrent requests,
-a bounded load run (:func:`isekai.client.load.run_load`) with Triton's own queue vs compute time per model, and
-the server's peak memory against the bytes of weights it loaded.
+Also measures what only a server has: the click-look-click rows (issue 8: first click cold, further clicks
+from the embedding cache, the generate call after the clicks), dynamic batching of ``unet`` across two
+concurrent requests, a bounded load run (:func:`isekai.client.load.run_load`) with Triton's own queue vs
+compute time per model, and the server's peak memory against the bytes of weights it loaded.
 
 Per-stage times come from Triton's statistics extension (compute time per execution); a BLS caller's time
 includes its callees': ``diffusion`` is the whole img2img with its UNet and VAE calls, and ``compose`` is its
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from isekai import constants as C
-
 from bench.report import COMPOSE_WITH_SAM_CALLS
 from bench.timing import median, say
+from isekai import constants as C
 
 # Models a swap runs, with the per-stage row each one feeds.
 STAGE_MODELS = {
@@ -83,8 +82,8 @@ def _server_pids(server_pid: int) -> list[int]:
 
 
 def server_memory(server_pid: int) -> dict[str, int]:
-    """Current RSS of tritonserver plus its Python-backend stubs, and the sum of each one's own peak (VmHWM): an
-    upper bound of the server's peak, since the processes peak at different moments."""
+    """Current RSS of tritonserver plus its Python-backend stubs, and the sum of each one's own peak (VmHWM):
+    an upper bound of the server's peak, since the processes peak at different moments."""
     peaks = current = 0
     pids = _server_pids(server_pid)
     for pid in pids:
@@ -97,8 +96,9 @@ def server_memory(server_pid: int) -> dict[str, int]:
 
 
 def process_pss(pid: int) -> int:
-    """Proportional set size in bytes: RSS with each shared page split between the processes mapping it. Exact,
-    but the kernel walks the page tables for it: read it once, not in a loop (0.2 cores for 14 processes at 2 Hz)."""
+    """Proportional set size in bytes: RSS with each shared page split between the processes mapping it.
+    Exact, but the kernel walks the page tables for it: read it once, not in a loop (0.2 cores for 14
+    processes at 2 Hz)."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024
@@ -106,7 +106,8 @@ def process_pss(pid: int) -> int:
 
 
 def _rss_parts(pid: int) -> tuple[int, int, int]:
-    """(anonymous, file-backed, shared-memory) resident bytes of one process: /proc/PID/status, cheap to read."""
+    """(anonymous, file-backed, shared-memory) resident bytes of one process: /proc/PID/status, cheap to
+    read."""
     parts = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -118,9 +119,10 @@ def _rss_parts(pid: int) -> tuple[int, int, int]:
 class MemorySampler(threading.Thread):
     """The server's memory every ``interval_s``; ``peak`` is the largest total seen.
 
-    Total = every process's anonymous memory (weights, activations, Python heaps) + half of their shared memory (the
-    Python backend's tensors: each region is mapped by its stub and by tritonserver) + the largest file-backed set
-    (shared libraries, mapped by every stub alike). Plain RSS summed would count those shared pages several times.
+    Total = every process's anonymous memory (weights, activations, Python heaps) + half of their shared
+    memory (the Python backend's tensors: each region is mapped by its stub and by tritonserver) + the largest
+    file-backed set (shared libraries, mapped by every stub alike). Plain RSS summed would count those shared
+    pages several times.
     """
 
     def __init__(self, server_pid: int, interval_s: float = 0.5) -> None:
@@ -189,7 +191,8 @@ def swap_runs(served: Served, scene, runs: int, options: dict, nonce: str, sam_i
     e2e, stages, encodes, steps = [], {}, [], []
     for i in range(runs):
         say(f"served {scene.name}: swap {i + 1}/{runs} (cold: new image bytes)")
-        seconds, delta, _ = served.timed(served.client.swap, scene.png(f"{nonce}-cold-{i}"), [scene.click], **options)
+        seconds, delta, _ = served.timed(served.client.swap, scene.png(f"{nonce}-cold-{i}"), [scene.click],
+                                         **options)
         e2e.append(seconds)
         for stage, ms in stage_ms(delta, sam_in_compose).items():
             stages.setdefault(stage, []).append(ms)
@@ -215,22 +218,25 @@ def click_session(served: Served, scene, options: dict, nonce: str) -> dict:
         encoder_runs += delta.get(C.SAM_ENCODER_MODEL).inferences if C.SAM_ENCODER_MODEL in delta else 0
     say(f"served {scene.name}: further clicks {', '.join(f'{s * 1e3:.0f}' for s in further)} ms "
         f"(encoder runs: {encoder_runs})")
-    # The generate call: the same photo (its embedding cached) with the swap's own click, so it does the same work
-    # as the cold swaps but the photo's encoding (further clicks may leave random-weight SAM finding nobody).
+    # The generate call: the same photo (its embedding cached) with the swap's own click, so it does the same
+    # work as the cold swaps but the photo's encoding (further clicks may leave random-weight SAM finding
+    # nobody).
     say(f"served {scene.name}: generate after the clicks")
     seconds, delta, _ = served.timed(served.client.swap, image, [scene.click], **options)
     generate = {"s": seconds, "encoder_runs": delta[C.SAM_ENCODER_MODEL].inferences}
-    say(f"served {scene.name}: generate after clicks {seconds:.1f} s (encoder runs: {generate['encoder_runs']}, "
-        f"the generated crop's silhouette)")
+    say(f"served {scene.name}: generate after clicks {seconds:.1f} s (encoder runs: "
+        f"{generate['encoder_runs']}, the generated crop's silhouette)")
     return {"first_click_s": first["s"], "first_click_encoder_runs": first["encoder_runs"],
             "further_click_s": further, "further_click_p50_s": median(further),
             "further_click_encoder_runs": encoder_runs,
-            "generate_after_clicks_s": generate["s"], "generate_after_clicks_encoder_runs": generate["encoder_runs"]}
+            "generate_after_clicks_s": generate["s"],
+            "generate_after_clicks_encoder_runs": generate["encoder_runs"]}
 
 
 def unet_batching(served: Served, latent: tuple[int, int], hidden_size: int, repeats: int) -> dict:
-    """Two batch-2 ``unet`` requests (one denoising step of two swaps) sent at the same instant, against the same
-    two one after the other. With dynamic batching Triton runs the simultaneous pair as one batch-4 execution."""
+    """Two batch-2 ``unet`` requests (one denoising step of two swaps) sent at the same instant, against the
+    same two one after the other. With dynamic batching Triton runs the simultaneous pair as one batch-4
+    execution."""
     rng = np.random.default_rng(0)
     h, w = latent
     arrays = {
@@ -273,7 +279,8 @@ def unet_batching(served: Served, latent: tuple[int, int], hidden_size: int, rep
                 times.append(seconds)
                 executions.append(delta[C.UNET_MODEL].executions)
             out[name] = {"s": median(times), "executions": min(executions)}
-            say(f"served unet batching: two requests {name}: {median(times):.2f} s, {min(executions)} execution(s)")
+            say(f"served unet batching: two requests {name}: {median(times):.2f} s, {min(executions)} "
+                "execution(s)")
     finally:
         for client in clients:
             client.close()
@@ -281,7 +288,8 @@ def unet_batching(served: Served, latent: tuple[int, int], hidden_size: int, rep
 
 
 def concurrent_swaps(served: Served, scene, options: dict, nonce: str) -> dict:
-    """Two swaps of one (already encoded) photo at once, different seeds: do their UNet steps batch together?"""
+    """Two swaps of one (already encoded) photo at once, different seeds: do their UNet steps batch
+    together?"""
     image = scene.png(f"{nonce}-clicks")  # the click session encoded it
     say(f"served: two concurrent swaps ({options})")
 
@@ -295,17 +303,17 @@ def concurrent_swaps(served: Served, scene, options: dict, nonce: str) -> dict:
 
     seconds, delta, _ = served.timed(both)
     unet = delta[C.UNET_MODEL]
-    say(f"served: two concurrent swaps took {seconds:.1f} s; unet ran {unet.inferences} steps in {unet.executions} "
-        "executions")
+    say(f"served: two concurrent swaps took {seconds:.1f} s; unet ran {unet.inferences} steps in "
+        f"{unet.executions} executions")
     return {"s": seconds, "unet_requests": unet.inferences, "unet_executions": unet.executions}
 
 
 def load_run(served: Served, scenes, concurrency: tuple[int, ...], requests: int, nonce: str) -> list[dict]:
     """Mask requests (``isekai_segment``) from concurrent clients over the scenes with repeated clicks.
 
-    Uses the project's load generator (:func:`isekai.client.load.run_load`); each photo is clicked once first so
-    the run measures the interactive loop (cached embeddings), and Triton's queue vs compute per model is read
-    from the metrics endpoint around each run.
+    Uses the project's load generator (:func:`isekai.client.load.run_load`); each photo is clicked once first
+    so the run measures the interactive loop (cached embeddings), and Triton's queue vs compute per model is
+    read from the metrics endpoint around each run.
     """
     from isekai.client.load import LoadMix, Photo, run_load  # noqa: PLC0415
     from isekai.client.stats import metrics_delta, model_metrics, settled_model_metrics  # noqa: PLC0415

@@ -20,7 +20,8 @@ def median(values: list[float]) -> float | None:
 
 
 class StageTimer:
-    """Seconds spent per named stage; one entry per call, so ``per_call`` medians and ``total`` sums both work."""
+    """Seconds spent per named stage; one entry per call, so ``per_call`` medians and ``total`` sums both
+    work."""
 
     def __init__(self) -> None:
         self.calls: dict[str, list[float]] = defaultdict(list)

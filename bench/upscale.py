@@ -1,27 +1,28 @@
 """Real-ESRGAN upscale time and memory on CPU: ``python -m bench.upscale [--runs 3] [--quick]``.
 
-What issue 14 asks to measure: how long the ``upscale`` step takes on a 512x512 and a 1920x1080 result at x4, for
-RealESRGAN_x4plus (23 RRDBs) and RealESRGAN_x4plus_anime_6B (6 RRDBs), tiled as served against untiled, and the
-memory each needs. The checkpoints are the official architectures at full size with random weights (they cost the
-same to run as trained ones), written in the official format by ``export/make_esrgan.py`` and exported by the
-project's own exporter (``isekai export esrgan``), once, into ``.cache/bench/upscale/``.
+What issue 14 asks to measure: how long the ``upscale`` step takes on a 512x512 and a 1920x1080 result at x4,
+for RealESRGAN_x4plus (23 RRDBs) and RealESRGAN_x4plus_anime_6B (6 RRDBs), tiled as served against untiled,
+and the memory each needs. The checkpoints are the official architectures at full size with random weights
+(they cost the same to run as trained ones), written in the official format by ``export/make_esrgan.py`` and
+exported by the project's own exporter (``isekai export esrgan``), once, into ``.cache/bench/upscale/``.
 
-Per model and scene, each in a fresh process (so its peak RSS is its own), with onnxruntime set up as the served
-``upscale`` model is (its ``config.pbtxt`` parameters: all cores, no memory arena):
+Per model and scene, each in a fresh process (so its peak RSS is its own), with onnxruntime set up as the
+served ``upscale`` model is (its ``config.pbtxt`` parameters: all cores, no memory arena):
 
 - **untiled** (the baseline, Real-ESRGAN's inference without ``--tile``): one run on the whole image. Where it
   would not fit, it is skipped, saying why: its memory is extrapolated by output pixels from the same model's
   untiled run on the smaller scene and compared with the memory available now;
-- **tiled** as served: :func:`isekai.ensemble.upscale.upscale_image` with 512-pixel tiles and 10 of context (what
-  the ``finish`` step runs, minus its BLS round trips). A scene that fits one tile is that same single call;
-- **tiled at 256** on the 512x512 scene only: what tiling itself costs (the context is run twice) where the untiled
-  run fits.
+- **tiled** as served: :func:`isekai.ensemble.upscale.upscale_image` with 512-pixel tiles and 10 of context
+  (what the ``finish`` step runs, minus its BLS round trips). A scene that fits one tile is that same single
+  call;
+- **tiled at 256** on the 512x512 scene only: what tiling itself costs (the context is run twice) where the
+  untiled run fits.
 
-Every process warms its session up on one small image, then times ``--runs`` runs (median in the table). Results
-go to ``bench/results/upscale.md`` and ``.json`` (what this code wrote; never edited by hand). ``--quick`` runs
-the same code on the demo's tiny RRDBNet, small scenes and small tiles, in seconds, and writes under the cache.
-A full run takes tens of minutes on 2 cores: RealESRGAN_x4plus costs ~36 MFLOP per input pixel (~75 TFLOP for a
-1920x1080 result at x4).
+Every process warms its session up on one small image, then times ``--runs`` runs (median in the table).
+Results go to ``bench/results/upscale.md`` and ``.json`` (what this code wrote; never edited by hand).
+``--quick`` runs the same code on the demo's tiny RRDBNet, small scenes and small tiles, in seconds, and
+writes under the cache. A full run takes tens of minutes on 2 cores: RealESRGAN_x4plus costs ~36 MFLOP per
+input pixel (~75 TFLOP for a 1920x1080 result at x4).
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from isekai import constants as C
-
 from bench.models import DEFAULT_CACHE, ROOT
 from bench.timing import say
+from isekai import constants as C
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results"
 SCALE = 4  # every model measured here is x4: the requested factor is the graph's own, no resize
@@ -51,8 +51,10 @@ SCENES = ("512", "1080")
 QUICK_SIDE_DIVISOR = {"512": 4, "1080": 8}  # --quick: 128x128 and 240x135
 OVERHEAD_TILE = 256  # the 512x512 scene tiled this small too: the cost of tiling where untiled fits
 QUICK_TILE, QUICK_OVERHEAD_TILE = 64, 32
-WARMUP_SIDE = 32  # the warm-up image (kernel selection, first allocations); a multiple of every unshuffle factor
-MEMORY_MARGIN = 0.8  # an untiled run is tried only if its extrapolated peak is below this share of MemAvailable
+# the warm-up image (kernel selection, first allocations); a multiple of every unshuffle factor
+WARMUP_SIDE = 32
+# an untiled run is tried only if its extrapolated peak is below this share of MemAvailable
+MEMORY_MARGIN = 0.8
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,13 @@ class Case:
     pad: int
 
 
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Graphs and scenes.
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def graph(variant: str, cache: Path) -> Path:
-    """``cache/upscale/<variant>.onnx``: a random-weight checkpoint in the official format, exported once (written
-    aside and renamed after its parity check, so an interrupted export is never taken for a finished one)."""
+    """``cache/upscale/<variant>.onnx``: a random-weight checkpoint in the official format, exported once
+    (written aside and renamed after its parity check, so an interrupted export is never taken for a finished
+    one)."""
     from isekai.export.esrgan import export_esrgan  # noqa: PLC0415
     from isekai.export.make_esrgan import make_esrgan_checkpoint  # noqa: PLC0415
 
@@ -105,9 +108,9 @@ def scene_pixels(name: str, quick: bool) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
 
 
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # One measurement (in its own process: python -m bench.upscale --measure CASE.json).
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _rss(field: str) -> int:
     """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -117,13 +120,13 @@ def _rss(field: str) -> int:
 
 
 def measure(graph_path: Path, image: np.ndarray, case: Case, runs: int) -> dict:
-    """Seconds of ``runs`` upscales of ``image`` (uint8 [H, W, 3]) as ``case`` says, after one warm-up call."""
+    """Seconds of ``runs`` upscales of ``image`` (uint8 [H, W, 3]) as ``case`` says, after one warm-up
+    call."""
     import onnxruntime as ort  # noqa: PLC0415
 
+    from bench.onnx_pipeline import config_parameters  # noqa: PLC0415
     from isekai.ensemble.upscale import upscale_image  # noqa: PLC0415
     from isekai.serving.ort_options import providers, session_options  # noqa: PLC0415
-
-    from bench.onnx_pipeline import config_parameters  # noqa: PLC0415
 
     params = config_parameters(ROOT / "model_repository", C.UPSCALE_MODEL)
     session = ort.InferenceSession(str(graph_path), session_options(params), providers=providers(params))
@@ -164,13 +167,14 @@ def run_case(case: Case, graph_path: Path, image_path: Path, runs: int, workdir:
     spec_path.write_text(json.dumps(spec))
     done = subprocess.run([sys.executable, "-m", "bench.upscale", "--measure", str(spec_path)], cwd=ROOT)
     if done.returncode != 0 or not out_path.is_file():
-        return {"failed": f"the measuring process exited with {done.returncode} (killed for memory if negative)"}
+        return {"failed": f"the measuring process exited with {done.returncode} (killed for memory if "
+                          "negative)"}
     return json.loads(out_path.read_text())
 
 
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The run.
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def available_memory() -> int:
     """MemAvailable in bytes (what a new process can take without swapping or the OOM killer)."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -180,8 +184,8 @@ def available_memory() -> int:
 
 
 def untiled_estimate(previous: dict | None, pixels: int) -> int | None:
-    """Peak RSS of an untiled run with ``pixels`` output pixels, extrapolated from a smaller untiled run (its working
-    memory, peak minus loaded, grows with the output's pixels); None without one."""
+    """Peak RSS of an untiled run with ``pixels`` output pixels, extrapolated from a smaller untiled run (its
+    working memory, peak minus loaded, grows with the output's pixels); None without one."""
     if not previous or "peak_rss" not in previous:
         return None
     working = previous["peak_rss"] - previous["loaded_rss"]
@@ -189,12 +193,14 @@ def untiled_estimate(previous: dict | None, pixels: int) -> int | None:
 
 
 def cases_for(model: str, scene: str, height: int, width: int, tile: int, overhead_tile: int) -> list[Case]:
-    """Untiled, tiled as served (unless the scene fits one tile), and on the small scene tiled at ``overhead_tile``."""
+    """Untiled, tiled as served (unless the scene fits one tile), and on the small scene tiled at
+    ``overhead_tile``."""
     cases = [Case(model, scene, height, width, "untiled", max(height, width), 0)]
     if max(height, width) > tile:  # else the served tiling is the same single call as untiled
         cases.append(Case(model, scene, height, width, f"tile {tile}", tile, C.UPSCALE_TILE_PAD))
     if scene == SCENES[0]:
-        cases.append(Case(model, scene, height, width, f"tile {overhead_tile}", overhead_tile, C.UPSCALE_TILE_PAD))
+        cases.append(Case(model, scene, height, width, f"tile {overhead_tile}", overhead_tile,
+                          C.UPSCALE_TILE_PAD))
     return cases
 
 
@@ -215,7 +221,8 @@ def run(args: argparse.Namespace) -> dict:
             height, width = np.load(images[scene], mmap_mode="r").shape[:2]
             out_pixels = SCALE * height * SCALE * width
             for case in cases_for(variant, scene, height, width, tile, overhead_tile):
-                row = {**asdict(case), "label": MODELS.get(variant, f"{variant} (quick)"), "out_pixels": out_pixels}
+                row = {**asdict(case), "label": MODELS.get(variant, f"{variant} (quick)"),
+                       "out_pixels": out_pixels}
                 estimate = untiled_estimate(previous_untiled, out_pixels) if case.mode == "untiled" else None
                 available = available_memory()
                 if estimate is not None and estimate > MEMORY_MARGIN * available:
@@ -232,9 +239,9 @@ def run(args: argparse.Namespace) -> dict:
     return {"rows": rows, "quick": args.quick, "runs": args.runs, "tile": tile}
 
 
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tables.
-# -------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _median(row: dict) -> float | None:
     return statistics.median(row["seconds"]) if row.get("seconds") else None
 
@@ -276,31 +283,34 @@ def markdown(result: dict, command: str) -> str:
         f"Runs: {result['runs']} per row after a warm-up call, median shown; each row in its own process. "
         f"Served tiling: tile {result['tile']}, context {C.UPSCALE_TILE_PAD}.",
         "",
-        "| model | scene -> result | mode | graph calls | time | vs untiled | peak RSS | working memory | note |",
+        "| model | scene -> result | mode | graph calls | time | vs untiled | peak RSS | working memory | "
+        "note |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in table_rows(result):
         time_s = "" if r["median_s"] is None else f"{r['median_s']:.2f} s"
         ratio = "" if r["vs_untiled"] is None else f"{r['vs_untiled']:.2f}x"
-        lines.append(f"| {r['model']} | {r['scene']} | {r['mode']} | {r['calls'] or ''} | {time_s} | {ratio} | "
-                     f"{gib(r['peak_rss'])} | {gib(r['working_rss'])} | {r['note']} |")
+        lines.append(f"| {r['model']} | {r['scene']} | {r['mode']} | {r['calls'] or ''} | {time_s} | {ratio} "
+                     f"| {gib(r['peak_rss'])} | {gib(r['working_rss'])} | {r['note']} |")
     lines += [
         "",
-        "Working memory is the peak RSS minus the RSS after the session's warm-up call: the activations of the "
-        "largest call (one tile, or the whole image). A scene no larger than one served tile has no separate "
-        f"tiled row: tiling at {result['tile']} is then the untiled call itself.",
+        "Working memory is the peak RSS minus the RSS after the session's warm-up call: the activations of "
+        "the largest call (one tile, or the whole image). A scene no larger than one served tile has no "
+        f"separate tiled row: tiling at {result['tile']} is then the untiled call itself.",
         "",
     ]
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per row after a warm-up call (default 3)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="timed runs per row after a warm-up call (default 3)")
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS),
                         help="which official architectures (default both)")
     parser.add_argument("--scenes", nargs="+", choices=SCENES, default=list(SCENES),
                         help="bench scenes: 512 (512x512) and 1080 (1920x1080) (default both)")
-    parser.add_argument("--tile", type=int, default=None, help="served tile side to measure (default UPSCALE_TILE)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="served tile side to measure (default UPSCALE_TILE)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the tiny RRDBNet, scenes at 1/4 and 1/8, tiles of 64 and 32, 1 run; "
                         "writes under the cache, not bench/results")

@@ -1,7 +1,7 @@
 """The public API of the isekai deployment: model names and tensor names, named once.
 
-The model configs (``model_repository/isekai*/config.pbtxt``), the tests and the README use exactly these; a test
-checks the configs against this module. Never rename one silently: clients in the field depend on them.
+The model configs (``model_repository/isekai*/config.pbtxt``), the tests and the README use exactly these; a
+test checks the configs against this module. Never rename one silently: clients in the field depend on them.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from isekai import constants as C
 SWAP_MODEL = C.ENSEMBLE_MODEL  # the whole swap
 SEGMENT_MODEL = C.SEGMENT_MODEL  # the mask only, for the click-look-click loop
 CHARACTERS_MODEL = C.CHARACTERS_MODEL  # the registered characters (JSON), e.g. for a picker
-STREAM_MODEL = C.STREAM_MODEL  # the whole swap with progress (decoupled: gRPC streaming only); inputs as SWAP_MODEL
+STREAM_MODEL = C.STREAM_MODEL  # the whole swap with progress (decoupled: gRPC streaming only); inputs as
+#                                SWAP_MODEL
 
-# --- inputs (both models) ------------------------------------------------------------------------------------
+# --- inputs (both models) -----------------------------------------------------------------------------------
 IMAGE = "image"  # BYTES [1] encoded PNG/JPEG/WebP
 POINTS = "points"  # FP32 [-1,2] clicks, (x, y) in original image pixels
 LABELS = "labels"  # INT32 [-1] 1 = the person, 0 = not the person
 BOX = "box"  # FP32 [4] optional (x0, y0, x1, y1) in original pixels
 
-# --- inputs (isekai only; all optional, defaults in isekai.constants) ------------------------------------------
+# --- inputs (isekai only; all optional, defaults in isekai.constants) ---------------------------------------
 CHARACTER = "character"  # BYTES [1]
 PROMPT = "prompt"  # BYTES [1] replaces the character's prompt
 STRENGTH = "strength"  # FP32 [1] in (0, 1]
@@ -29,31 +30,33 @@ SEED = "seed"  # INT64 [1]
 FORMAT = "format"  # BYTES [1] png | jpeg | webp
 UPSCALE = "upscale"  # INT32 [1] 1 (off) | 2 | 4: the result's size over the photo's (Real-ESRGAN)
 
-# --- inputs (isekai_segment only) -----------------------------------------------------------------------------
+# --- inputs (isekai_segment only) ---------------------------------------------------------------------------
 MASK_INPUT = "mask_input"  # FP32 [1,1,256,256] optional: the previous answer's low_res_mask
 
-# --- inputs (characters only) ---------------------------------------------------------------------------------
+# --- inputs (characters only) -------------------------------------------------------------------------------
 NAME = "name"  # BYTES [1] optional: one character; without it, all of them
 
-# --- outputs --------------------------------------------------------------------------------------------------
+# --- outputs ------------------------------------------------------------------------------------------------
 RESULT = "result"  # BYTES [1] the encoded scene with the character
 MASK = "mask"  # BYTES [1] PNG of the person mask, original size
 BACKGROUND = "background"  # BYTES [1] the encoded scene without the person
 SCORE = "score"  # FP32 [1] the chosen mask's predicted IoU
 LOW_RES_MASK = "low_res_mask"  # FP32 [1,1,256,256] (isekai_segment) feed back as mask_input
-CHARACTERS = "characters"  # BYTES [1] (characters) JSON list: name, kind, prompt, negative_prompt, default, bytes,
-#                            revision, source, problem (why it cannot be drawn, or null)
-# isekai_stream's responses: every one carries STAGE and PROGRESS; some diffusion ones a PREVIEW; the last data
-# response (final flag) the SWAP_OUTPUTS.
-STAGE = "stage"  # BYTES [1] an isekai step's model name, "queued" before the swap starts, "done" with the outputs
-PROGRESS = "progress"  # FP32 [1] the swap's progress in 0..1, never decreasing, at least one response per UNet step
+CHARACTERS = "characters"  # BYTES [1] (characters) JSON list: name, kind, prompt, negative_prompt, default,
+#                            bytes, revision, source, problem (why it cannot be drawn, or null)
+# isekai_stream's responses: every one carries STAGE and PROGRESS; some diffusion ones a PREVIEW; the last
+# data response (final flag) the SWAP_OUTPUTS.
+STAGE = "stage"  # BYTES [1] an isekai step's model name, "queued" before the swap starts, "done" with the
+#                  outputs
+PROGRESS = "progress"  # FP32 [1] the swap's progress in 0..1, never decreasing, at least one response per
+#                        UNet step
 PREVIEW = "preview"  # BYTES [1] a small PNG of the character being drawn (its latents mapped to RGB)
 
 # The API's optional inputs (documented defaults); the others are required. The configs declare every input
 # optional so that a missing required one reaches preprocess, which refuses it naming the input (Triton 2.51
 # only counts inputs, and an ensemble missing a required one failed with "unexpected deadlock").
-SWAP_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT,
-               UPSCALE)
+SWAP_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED,
+               FORMAT, UPSCALE)
 SWAP_OPTIONAL = (BOX, MASK_INPUT, CHARACTER, PROMPT, STRENGTH, STEPS, GUIDANCE, SEED, FORMAT, UPSCALE)
 SWAP_OUTPUTS = (RESULT, MASK, BACKGROUND, SCORE)
 SEGMENT_INPUTS = (IMAGE, POINTS, LABELS, BOX, MASK_INPUT)

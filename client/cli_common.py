@@ -37,8 +37,8 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box", type=parse_box, metavar="X0,Y0,X1,Y1", help="a box around the person")
     parser.add_argument(
         "--low-res-in", type=Path,
-        help="low-resolution logits (.npy, float32 [1,1,256,256]) of an earlier `isekai segment` answer to refine "
-             "(the same clicks and --low-res-in give the same mask in `segment` and `run`)",
+        help="low-resolution logits (.npy, float32 [1,1,256,256]) of an earlier `isekai segment` answer to "
+             "refine (the same clicks and --low-res-in give the same mask in `segment` and `run`)",
     )
     parser.add_argument(
         "--url", default=f"localhost:{C.DEFAULT_GRPC_PORT}",

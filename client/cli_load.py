@@ -1,4 +1,5 @@
-"""``isekai load photo.jpg [...] --requests 200 --concurrency 4``: a bounded load run, counts and latencies."""
+"""``isekai load photo.jpg [...] --requests 200 --concurrency 4``: a bounded load run, counts and
+latencies."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-url", default=None, metavar="HOST:PORT",
-        help="a server's metrics endpoint (e.g. localhost:8002): also print Triton's queue vs compute time per "
-        "model over the run (from that one server)",
+        help="a server's metrics endpoint (e.g. localhost:8002): also print Triton's queue vs compute time "
+        "per model over the run (from that one server)",
     )
 
 

@@ -14,18 +14,22 @@ from isekai.client.cli_common import add_prompt_arguments, fail, read_low_res, r
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_arguments(parser)
-    parser.add_argument("--output", type=Path, required=True, help="where to write the scene with the character")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="where to write the scene with the character")
     parser.add_argument("--mask", type=Path, help="also write the person mask (PNG) here")
     parser.add_argument("--background", type=Path, help="also write the scene without the person here")
-    parser.add_argument("--character", help="a registered character (default: the repository's default character)")
+    parser.add_argument("--character",
+                        help="a registered character (default: the repository's default character)")
     parser.add_argument("--prompt", help="replace the character's prompt for this request")
-    parser.add_argument("--seed", type=int, help=f"noise seed; the same seed gives the same image (default {C.DEFAULT_SEED})")
+    parser.add_argument("--seed", type=int,
+                        help=f"noise seed; the same seed gives the same image (default {C.DEFAULT_SEED})")
     parser.add_argument(
         "--steps", type=int,
         help=f"scheduler steps (default: the exported scheduler's, {C.DEFAULT_STEPS} for DPM-Solver++, "
         f"{C.LCM_STEPS} after --lcm-lora; at most {C.MAX_STEPS})",
     )
-    parser.add_argument("--strength", type=float, help=f"how far to redraw the person, (0, 1] (default {C.DEFAULT_STRENGTH})")
+    parser.add_argument("--strength", type=float,
+                        help=f"how far to redraw the person, (0, 1] (default {C.DEFAULT_STRENGTH})")
     parser.add_argument(
         "--guidance", type=float,
         help=f"classifier-free guidance scale (default: the exported scheduler's, {C.DEFAULT_GUIDANCE:g} for "
@@ -50,11 +54,14 @@ def _format_for(path: Path, explicit: str | None) -> str:
     if explicit:
         return explicit
     suffix = path.suffix.lower().lstrip(".")
-    return {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("jpg", "jpeg", "png", "webp") else C.DEFAULT_FORMAT
+    return (
+        {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("jpg", "jpeg", "png", "webp") else C.DEFAULT_FORMAT
+    )
 
 
 class ProgressBar:
-    """``[#########-----------]  45% diffusion`` on one terminal line (a line per stage when not a terminal)."""
+    """``[#########-----------]  45% diffusion`` on one terminal line (a line per stage when not a
+    terminal)."""
 
     WIDTH = 30
 
@@ -80,7 +87,8 @@ class ProgressBar:
 
 
 def swap_with_progress(client, image: bytes, bar: ProgressBar, *args, **options):
-    """``client.swap_stream`` drawn on ``bar``; returns the SwapResult. Ctrl-C cancels the swap on the server."""
+    """``client.swap_stream`` drawn on ``bar``; returns the SwapResult. Ctrl-C cancels the swap on the
+    server."""
     from isekai.client.client import SwapProgress  # noqa: PLC0415
 
     with client.swap_stream(image, *args, **options) as stream:

@@ -14,7 +14,8 @@ from isekai.client.cli_common import add_prompt_arguments, fail, read_low_res, r
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_arguments(parser)
     parser.add_argument("--output", type=Path, required=True, help="where to write the mask (PNG)")
-    parser.add_argument("--low-res-out", type=Path, help="write this answer's low-resolution logits (.npy) here")
+    parser.add_argument("--low-res-out", type=Path,
+                        help="write this answer's low-resolution logits (.npy) here")
 
 
 def main(args: argparse.Namespace) -> int:

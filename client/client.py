@@ -5,16 +5,16 @@
     open("out.png", "wb").write(swap.result)
 
     with client.swap_stream(photo, clicks=[(312, 240)], seed=7) as stream:   # the same swap, with progress
-        for event in stream:                            # SwapProgress(stage, progress, preview) ..., SwapResult
+        for event in stream:                          # SwapProgress(stage, progress, preview) ..., SwapResult
             print(event.stage, event.progress) if isinstance(event, SwapProgress) else save(event.result)
 
-    session = client.segment_session(image_bytes)      # click, look, click again: only SAM's decoder runs
+    session = client.segment_session(image_bytes)     # click, look, click again: only SAM's decoder runs
     first = session.click((312, 240))
-    second = session.click((40, 60), positive=False)   # sends the previous low_res_mask back
+    second = session.click((40, 60), positive=False)  # sends the previous low_res_mask back
 
-Several URLs (``"host-a:8001,host-b:8001"``, or ``dns:///isekai-headless:8001`` which resolves every address of a
-headless Kubernetes Service) are used round-robin per request: gRPC keeps one connection per channel, so a Service's
-connection-level balancing would pin one client to one pod.
+Several URLs (``"host-a:8001,host-b:8001"``, or ``dns:///isekai-headless:8001`` which resolves every address
+of a headless Kubernetes Service) are used round-robin per request: gRPC keeps one connection per channel, so
+a Service's connection-level balancing would pin one client to one pod.
 """
 
 from __future__ import annotations
@@ -105,12 +105,13 @@ def _stream_error(error: Exception) -> Exception:
 
 
 class SwapStream:
-    """An ``isekai_stream`` request on its own gRPC stream: iterate it for :class:`SwapProgress` events, then one
-    :class:`SwapResult`.
+    """An ``isekai_stream`` request on its own gRPC stream: iterate it for :class:`SwapProgress` events, then
+    one :class:`SwapResult`.
 
     Errors the server sends (a bad input: INVALID_ARGUMENT naming it) are raised from the iteration as
-    ``tritonclient.utils.InferenceServerException``. :meth:`cancel` stops the swap on the server (its UNet loop
-    ends before the next step) and ends the iteration without a result; so does leaving a ``with`` block early.
+    ``tritonclient.utils.InferenceServerException``. :meth:`cancel` stops the swap on the server (its UNet
+    loop ends before the next step) and ends the iteration without a result; so does leaving a ``with`` block
+    early.
     """
 
     _END = object()
@@ -233,8 +234,8 @@ def _server_busy(model: str, attempts: int, elapsed_s: float, last: Exception) -
     class ServerBusy(InferenceServerException):
         pass
 
-    return ServerBusy(f"{model}: the server is busy: refused {attempts} tries over {elapsed_s:.1f} s; retry later "
-                      f"or add servers (last answer: {last.message()})", status=last.status())
+    return ServerBusy(f"{model}: the server is busy: refused {attempts} tries over {elapsed_s:.1f} s; retry "
+                      f"later or add servers (last answer: {last.message()})", status=last.status())
 
 
 class IsekaiClient:
@@ -242,15 +243,15 @@ class IsekaiClient:
 
     ``timeout_s`` bounds each call, retries included; the server is told it too (Triton's ``timeout`` request
     parameter), so its queues drop a request that waited that long and its model-to-model calls give up then,
-    with an error that names the stage. A call the server refused as busy (a full queue: UNAVAILABLE), could not
-    be reached, or was draining is sent again, to the next server when there are several, up to ``attempts``
-    tries, waiting 1, 2, 4, ... s between them (:mod:`isekai.client.retry`); every call is idempotent (the same
-    seed gives the same bytes). Refused every time, it raises an ``InferenceServerException`` whose status is
-    still UNAVAILABLE and whose message says the server is busy.
+    with an error that names the stage. A call the server refused as busy (a full queue: UNAVAILABLE), could
+    not be reached, or was draining is sent again, to the next server when there are several, up to
+    ``attempts`` tries, waiting 1, 2, 4, ... s between them (:mod:`isekai.client.retry`); every call is
+    idempotent (the same seed gives the same bytes). Refused every time, it raises an
+    ``InferenceServerException`` whose status is still UNAVAILABLE and whose message says the server is busy.
     """
 
-    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, protocol: str = "grpc", timeout_s: float = 600,
-                 attempts: int = C.RETRY_ATTEMPTS):
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, protocol: str = "grpc",
+                 timeout_s: float = 600, attempts: int = C.RETRY_ATTEMPTS):
         if protocol == "grpc":
             import tritonclient.grpc as tc  # noqa: PLC0415
         elif protocol == "http":
@@ -302,8 +303,8 @@ class IsekaiClient:
         raise AssertionError("unreachable")
 
     def _infer_once(self, model: str, request: list, wanted: list, timeout_s: float):
-        # The server gets the same deadline in microseconds; the client's own one comes a moment later, so that the
-        # server's answer (which names the stage that ran out of time) arrives first.
+        # The server gets the same deadline in microseconds; the client's own one comes a moment later, so
+        # that the server's answer (which names the stage that ran out of time) arrives first.
         server_us = max(1, int(timeout_s * 1e6))
         client = self._client()
         if self.protocol == "grpc":
@@ -372,11 +373,12 @@ class IsekaiClient:
     ) -> SwapResult:
         """The whole swap; options left as None take the server's documented defaults.
 
-        ``upscale`` (2 or 4; 1 = off) makes ``result`` that many times the photo's width and height (Real-ESRGAN on
-        the server); ``mask`` and ``background`` keep the photo's size.
+        ``upscale`` (2 or 4; 1 = off) makes ``result`` that many times the photo's width and height
+        (Real-ESRGAN on the server); ``mask`` and ``background`` keep the photo's size.
 
-        ``mask_input`` is what :meth:`segment` takes: with the same clicks and ``mask_input`` as a segment call, the
-        swap uses exactly the mask that call returned (:meth:`SegmentSession.swap` does this for a session).
+        ``mask_input`` is what :meth:`segment` takes: with the same clicks and ``mask_input`` as a segment
+        call, the swap uses exactly the mask that call returned (:meth:`SegmentSession.swap` does this for a
+        session).
         """
         options = {api.CHARACTER: character, api.PROMPT: prompt, api.STRENGTH: strength, api.STEPS: steps,
                    api.GUIDANCE: guidance, api.SEED: seed, api.FORMAT: format, api.UPSCALE: upscale}
@@ -403,12 +405,15 @@ class IsekaiClient:
     ) -> SwapStream:
         """The swap of :meth:`swap` (same arguments, same bytes) through ``isekai_stream``, with progress.
 
-        Iterate the returned :class:`SwapStream`: :class:`SwapProgress` events (stage, progress 0..1, sometimes a
-        preview PNG), then one :class:`SwapResult`. ``stream.cancel()`` (from any thread) or leaving its ``with``
-        block early stops the swap on the server. gRPC only: plain HTTP cannot carry decoupled responses.
+        Iterate the returned :class:`SwapStream`: :class:`SwapProgress` events (stage, progress 0..1,
+        sometimes a preview PNG), then one :class:`SwapResult`. ``stream.cancel()`` (from any thread) or
+        leaving its ``with`` block early stops the swap on the server. gRPC only: plain HTTP cannot carry
+        decoupled responses.
         """
         if self.protocol != "grpc":
-            raise ValueError("swap_stream needs protocol='grpc' (HTTP cannot carry isekai_stream's responses)")
+            raise ValueError(
+                "swap_stream needs protocol='grpc' (HTTP cannot carry isekai_stream's responses)"
+            )
         options = {api.CHARACTER: character, api.PROMPT: prompt, api.STRENGTH: strength, api.STEPS: steps,
                    api.GUIDANCE: guidance, api.SEED: seed, api.FORMAT: format, api.UPSCALE: upscale}
         inputs = self._swap_inputs(image, clicks, negatives, box, mask_input, options)
@@ -440,7 +445,9 @@ class IsekaiClient:
         inputs = {} if name is None else {api.NAME: np.array([name.encode()], dtype=np.object_)}
         out = self._infer(api.CHARACTERS_MODEL, inputs, api.CHARACTERS_OUTPUTS)
         raw = json.loads(out.as_numpy(api.CHARACTERS).reshape(-1)[0])
-        return [CharacterInfo(**{f: entry.get(f) for f in CharacterInfo.__dataclass_fields__}) for entry in raw]
+        return [
+            CharacterInfo(**{f: entry.get(f) for f in CharacterInfo.__dataclass_fields__}) for entry in raw
+        ]
 
     def segment_session(self, image: bytes) -> SegmentSession:
         return SegmentSession(self, image)
@@ -472,12 +479,14 @@ class SegmentSession:
 
     def _ask(self) -> SegmentResult:
         previous = None if self.last is None else self.last.low_res_mask
-        self.last = self.client.segment(self.image, self.clicks, self.negatives, self.box, mask_input=previous)
+        self.last = self.client.segment(self.image, self.clicks, self.negatives, self.box,
+                                        mask_input=previous)
         self.last_mask_input = previous
         return self.last
 
     def swap(self, **options) -> SwapResult:
-        """Generate with the mask last shown: the same clicks, box and ``mask_input`` (options as in ``swap``)."""
+        """Generate with the mask last shown: the same clicks, box and ``mask_input`` (options as in
+        ``swap``)."""
         return self.client.swap(self.image, self.clicks, self.negatives, self.box,
                                 mask_input=self.last_mask_input, **options)
 

@@ -1,4 +1,5 @@
-"""A bounded load generator for the isekai models: N concurrent gRPC clients, a request budget and a time budget.
+"""A bounded load generator for the isekai models: N concurrent gRPC clients, a request budget and a time
+budget.
 
     from isekai.client.load import LoadMix, Photo, run_load
 
@@ -7,10 +8,10 @@
     report = run_load(["localhost:8001"], requests=200, concurrency=4, duration_s=120, mix=mix)
     print(report.table())
 
-Request ``i`` is drawn from a generator seeded with ``(mix.seed, i)``: the same arguments send the same requests
-(which photo, which click, segment or swap), whatever the concurrency. Every worker has its own client
-(``IsekaiClient``: round-robin over ``urls``). Errors are counted, never raised; ``report.ok`` says whether there
-were none.
+Request ``i`` is drawn from a generator seeded with ``(mix.seed, i)``: the same arguments send the same
+requests (which photo, which click, segment or swap), whatever the concurrency. Every worker has its own
+client (``IsekaiClient``: round-robin over ``urls``). Errors are counted, never raised; ``report.ok`` says
+whether there were none.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def run_load(
     *,
     timeout_s: float = 600.0,
 ) -> LoadReport:
-    """Send up to ``requests`` requests from ``concurrency`` workers, stopping early after ``duration_s`` seconds
-    (None: no time limit; requests in flight then still finish). Blocks until done."""
+    """Send up to ``requests`` requests from ``concurrency`` workers, stopping early after ``duration_s``
+    seconds (None: no time limit; requests in flight then still finish). Blocks until done."""
     if requests < 0 or concurrency < 1:
         raise ValueError(f"requests must be >= 0 and concurrency >= 1, got {requests} and {concurrency}")
     lock = threading.Lock()

@@ -78,7 +78,8 @@ def prometheus_values(metrics_url: str, prefix: str, timeout_s: float = 10.0) ->
 
 
 def cache_counters(metrics_url: str) -> dict[str, float]:
-    """The server's SAM embedding-cache counters: ``hits``, ``misses``, ``evictions``, ``entries``, ``bytes``."""
+    """The server's SAM embedding-cache counters: ``hits``, ``misses``, ``evictions``, ``entries``,
+    ``bytes``."""
     prefix = "isekai_embedding_cache_"
     raw = prometheus_values(metrics_url, prefix)
     return {name[len(prefix):].removesuffix("_total"): value for name, value in raw.items()}
@@ -98,7 +99,8 @@ TRITON_MODEL_METRICS = (
 def model_metrics(metrics_url: str, timeout_s: float = 10.0) -> dict[str, dict[str, float]]:
     """Triton's per-model counters from the metrics endpoint: ``{model: {metric: value}}`` (versions summed).
 
-    Only :data:`TRITON_MODEL_METRICS`; read it before and after some work and pass both to :func:`metrics_delta`.
+    Only :data:`TRITON_MODEL_METRICS`; read it before and after some work and pass both to
+    :func:`metrics_delta`.
     """
     import re  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
@@ -119,7 +121,8 @@ def model_metrics(metrics_url: str, timeout_s: float = 10.0) -> dict[str, dict[s
     return out
 
 
-def settled_model_metrics(metrics_url: str, timeout_s: float = 5.0, interval_s: float = 0.25) -> dict[str, dict[str, float]]:
+def settled_model_metrics(metrics_url: str, timeout_s: float = 5.0,
+                          interval_s: float = 0.25) -> dict[str, dict[str, float]]:
     """:func:`model_metrics` once two reads ``interval_s`` apart agree (or after ``timeout_s``).
 
     Triton counts a request when it releases it, which can be just after the client got its response: read the
@@ -140,7 +143,8 @@ def settled_model_metrics(metrics_url: str, timeout_s: float = 5.0, interval_s: 
 
 @dataclass(frozen=True)
 class ModelLoad:
-    """One model's share of a run, from the metrics endpoint: requests, and queue vs compute time per request."""
+    """One model's share of a run, from the metrics endpoint: requests, and queue vs compute time per
+    request."""
 
     model: str
     requests: int  # successful requests
@@ -151,7 +155,8 @@ class ModelLoad:
 
 
 def metrics_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> list[ModelLoad]:
-    """Per-model :class:`ModelLoad` of what happened between two :func:`model_metrics` reads (idle models left out)."""
+    """Per-model :class:`ModelLoad` of what happened between two :func:`model_metrics` reads (idle models left
+    out)."""
     rows = []
     for model in sorted(after):
         def d(metric: str, model=model) -> float:
@@ -171,6 +176,7 @@ def format_model_load(rows: list[ModelLoad]) -> str:
     """The rows of :func:`metrics_delta` as a Markdown table."""
     lines = ["| model | requests | failures | executions | queue ms/request | compute ms/request |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r.model} | {r.requests} | {r.failures} | {r.executions} | {r.queue_ms:.1f} | {r.compute_ms:.1f} |"
+    lines += [f"| {r.model} | {r.requests} | {r.failures} | {r.executions} | {r.queue_ms:.1f} | "
+              f"{r.compute_ms:.1f} |"
               for r in rows]
     return "\n".join(lines)

@@ -1,13 +1,14 @@
 """The server-side SAM embedding cache: a click on an image already seen costs only the decoder.
 
-Keys (:func:`embedding_key`) are the SHA-256 of the encoded image bytes (:func:`image_key`), so the same upload hits
-whatever its EXIF or format (the same photo re-encoded is a different key: a miss, never a wrong answer), joined to
-the identity of the encoder graph that computed the embedding (:func:`graph_identity`), so SAM re-exported and
-reloaded never meets an embedding of the old encoder. The cache is bounded by entries AND bytes: it never grows
-past either, evicting the least recently used entries, and refuses an entry larger than its whole byte budget.
+Keys (:func:`embedding_key`) are the SHA-256 of the encoded image bytes (:func:`image_key`), so the same
+upload hits whatever its EXIF or format (the same photo re-encoded is a different key: a miss, never a wrong
+answer), joined to the identity of the encoder graph that computed the embedding (:func:`graph_identity`), so
+SAM re-exported and reloaded never meets an embedding of the old encoder. The cache is bounded by entries AND
+bytes: it never grows past either, evicting the least recently used entries, and refuses an entry larger than
+its whole byte budget.
 
-:class:`EmbeddingSource` is the lookup order preprocess follows (cache, else the encoder, then store), with the
-cache and the encoder passed in as callables: BLS calls in the server, fakes in the unit tests.
+:class:`EmbeddingSource` is the lookup order preprocess follows (cache, else the encoder, then store), with
+the cache and the encoder passed in as callables: BLS calls in the server, fakes in the unit tests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import numpy as np
 
 from isekai import constants as C
 
-
 log = logging.getLogger("isekai")
 
 
@@ -34,12 +34,13 @@ def image_key(data: bytes) -> str:
 
 
 def graph_identity(version_folder: str | Path) -> str:
-    """Identity of the exported graph in a model's version folder (``<repository>/<model>/1``): the hex SHA-256
-    (first 16 characters) of the name, size and modification time (ns) of each graph file in it (``model.onnx``,
-    its external data, ``model.plan``; not ``model.py``).
+    """Identity of the exported graph in a model's version folder (``<repository>/<model>/1``): the hex
+    SHA-256 (first 16 characters) of the name, size and modification time (ns) of each graph file in it
+    (``model.onnx``, its external data, ``model.plan``; not ``model.py``).
 
-    An export writes new files, so its identity changes; a copy that keeps the files' times (``shutil.copy2``) keeps
-    it. A stat per file and no read: cheap enough to check on every request. "" when the folder holds no graph.
+    An export writes new files, so its identity changes; a copy that keeps the files' times (``shutil.copy2``)
+    keeps it. A stat per file and no read: cheap enough to check on every request. "" when the folder holds no
+    graph.
     """
     folder = Path(version_folder)
     digest = hashlib.sha256()
@@ -85,13 +86,15 @@ class CacheStats:
 class EmbeddingCache:
     """Thread-safe LRU of numpy arrays, bounded by entry count and total ``nbytes``.
 
-    Stored arrays are private read-only copies: a caller mutating its array after :meth:`put` cannot change the
-    cache, and :meth:`get` returns the read-only array itself (no copy per hit).
+    Stored arrays are private read-only copies: a caller mutating its array after :meth:`put` cannot change
+    the cache, and :meth:`get` returns the read-only array itself (no copy per hit).
     """
 
-    def __init__(self, max_entries: int = C.EMBEDDING_CACHE_ENTRIES, max_bytes: int = C.EMBEDDING_CACHE_BYTES) -> None:
+    def __init__(self, max_entries: int = C.EMBEDDING_CACHE_ENTRIES,
+                 max_bytes: int = C.EMBEDDING_CACHE_BYTES) -> None:
         if max_entries < 0 or max_bytes < 0:
-            raise ValueError(f"cache limits must be >= 0 but are max_entries={max_entries}, max_bytes={max_bytes}")
+            raise ValueError(f"cache limits must be >= 0 but are max_entries={max_entries}, "
+                             f"max_bytes={max_bytes}")
         self.max_entries = int(max_entries)
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -127,7 +130,9 @@ class EmbeddingCache:
                 self._bytes -= int(old.nbytes)
             if size > self.max_bytes or self.max_entries == 0:
                 return False
-            while self._items and (len(self._items) >= self.max_entries or self._bytes + size > self.max_bytes):
+            while self._items and (
+                len(self._items) >= self.max_entries or self._bytes + size > self.max_bytes
+            ):
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= int(evicted.nbytes)
                 self._evictions += 1
@@ -161,22 +166,24 @@ class EmbeddingSource:
 
     Args:
         identity: the encoder graph's current identity on disk (:func:`graph_identity`), read per request.
-        lookup: ``key -> embedding or None``; store: ``(key, embedding) -> None``. A cache that fails is logged and
-            treated as a miss (or as not storing): it costs an encode, never the request.
-        encode: ``(encoder_input, identity or None) -> embedding``: f32 [1, 3, 1024, 1024] -> f32 [1, 256, 64, 64].
-            Given an identity, it raises :class:`GraphMismatch` when the encoder it calls serves another graph;
-            given None, it runs whatever graph is loaded.
+        lookup: ``key -> embedding or None``; store: ``(key, embedding) -> None``. A cache that fails is
+            logged and treated as a miss (or as not storing): it costs an encode, never the request.
+        encode: ``(encoder_input, identity or None) -> embedding``: f32 [1, 3, 1024, 1024] ->
+            f32 [1, 256, 64, 64]. Given an identity, it raises :class:`GraphMismatch` when the encoder it
+            calls serves another graph; given None, it runs whatever graph is loaded.
     """
 
     def __init__(self, identity: Callable[[], str], lookup: Callable[[str], np.ndarray | None],
-                 store: Callable[[str, np.ndarray], None], encode: Callable[[np.ndarray, str | None], np.ndarray],
+                 store: Callable[[str, np.ndarray], None],
+                 encode: Callable[[np.ndarray, str | None], np.ndarray],
                  ) -> None:
         self.identity, self.lookup, self.store, self.encode = identity, lookup, store, encode
 
     def get(self, image: str, encoder_input: Callable[[], np.ndarray]) -> np.ndarray:
-        """The embedding of the image whose :func:`image_key` is ``image``; ``encoder_input()`` makes the encoder's
-        input, only on a miss. An embedding computed by a graph other than the one on disk is returned but never
-        stored: between a re-export and the reload, the loaded (old) encoder and decoder still agree."""
+        """The embedding of the image whose :func:`image_key` is ``image``; ``encoder_input()`` makes the
+        encoder's input, only on a miss. An embedding computed by a graph other than the one on disk is
+        returned but never stored: between a re-export and the reload, the loaded (old) encoder and decoder
+        still agree."""
         identity = self.identity()
         key = embedding_key(image, identity)
         try:
@@ -192,7 +199,8 @@ class EmbeddingSource:
         except GraphMismatch as err:
             log.warning("%s; this embedding is not cached", err)
             return self.encode(pixels, None)
-        if identity:  # without an identity (no graph file to stat, e.g. a remote repository) nothing is keyed safely
+        # without an identity (no graph file to stat, e.g. a remote repository) nothing is keyed safely
+        if identity:
             try:
                 self.store(key, embedding)
             except Exception as err:  # noqa: BLE001 - as above

@@ -4,8 +4,8 @@
 ``diffusion`` model's folder of the Triton repository::
 
     <repository>/diffusion/
-        pipeline.json           format (2), scaling_factor (the VAE's config value), scheduler_config (the model
-                                folder's scheduler/scheduler_config.json, verbatim), text_hidden_size D,
+        pipeline.json           format (2), scaling_factor (the VAE's config value), scheduler_config (the
+                                model folder's scheduler/scheduler_config.json, verbatim), text_hidden_size D,
                                 token_length (77), default_character, fingerprints (per component),
                                 base_fingerprint, unet_config (the base UNet's architecture), lora_targets,
                                 scheduler (the diffusers class the loop runs: DPMSolverMultistepScheduler, or
@@ -14,22 +14,25 @@
         fused_lora/             that LoRA as it was given (full fine-tunes registered later get it fused too)
         tokenizer/              the model folder's CLIP tokenizer files, for prompt overrides
         characters/<NAME>/
-            character.json      name, kind, prompt, negative_prompt, revision, base_fingerprint, weights, source
-            embeddings.npy      float32 [2, 77, D]: row 0 the negative (unconditional) prompt's last_hidden_state,
-                                row 1 the prompt's, as the character's own text encoder gives them
-            unet.onnx_adapter   a LoRA character: its UNet LoRA for the base graph's slots (onnxruntime adapter)
+            character.json      name, kind, prompt, negative_prompt, revision, base_fingerprint, weights,
+                                source
+            embeddings.npy      float32 [2, 77, D]: row 0 the negative (unconditional) prompt's
+                                last_hidden_state, row 1 the prompt's, as the character's own text encoder
+                                gives them
+            unet.onnx_adapter   a LoRA character: its UNet LoRA for the base graph's slots (onnxruntime
+                                adapter)
             text_encoder.onnx_adapter   ... and its text-encoder LoRA, if it has one (prompt overrides use it)
             unet/model.onnx     a full fine-tune: its own UNet graph (and text_encoder/model.onnx if its text
                                 encoder differs from the base's)
 
 A character is one of three kinds: ``prompt`` (the base model with its own prompt), ``lora`` (the base model
-plus its adapters, applied per request on the one base UNet) and ``full`` (its own UNet graph, loaded on first use).
-``weights`` maps each model with weights of its own to ``"adapter"`` or ``"graph"``.
+plus its adapters, applied per request on the one base UNet) and ``full`` (its own UNet graph, loaded on first
+use). ``weights`` maps each model with weights of its own to ``"adapter"`` or ``"graph"``.
 
-``base_fingerprint`` identifies the exported base model (text encoder, tokenizer and UNet weights): a character
-registered on another base is refused by name instead of being drawn by the wrong UNet. ``revision`` changes
-whenever a character is written, so the models of one request never mix two versions of it: a request names the
-character as ``NAME@REVISION`` (:attr:`Character.key`) to the models that run its weights.
+``base_fingerprint`` identifies the exported base model (text encoder, tokenizer and UNet weights): a
+character registered on another base is refused by name instead of being drawn by the wrong UNet. ``revision``
+changes whenever a character is written, so the models of one request never mix two versions of it: a request
+names the character as ``NAME@REVISION`` (:attr:`Character.key`) to the models that run its weights.
 
 Triton treats only numeric folders of a model as versions, so these folders sit beside ``1/`` untouched.
 A character folder is written whole under a hidden temporary name and renamed into place, so a running server
@@ -67,8 +70,8 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "token
 TOKENIZER_OPTIONAL_FILES = ("tokenizer.json", "added_tokens.json")
 FORMAT_VERSION = 2
 KINDS = ("prompt", "lora", "full")
-# The models a character may bring weights of its own for (the ones whose graphs the diffusion model calls with
-# the character's key).
+# The models a character may bring weights of its own for (the ones whose graphs the diffusion model calls
+# with the character's key).
 CHARACTER_MODELS = (C.UNET_MODEL, C.TEXT_ENCODER_MODEL)
 WEIGHT_FORMS = ("adapter", "graph")
 KEY_SEPARATOR = "@"
@@ -78,7 +81,8 @@ _NAME = re.compile(C.CHARACTER_NAME_PATTERN)
 
 
 class CharacterChanged(RuntimeError):
-    """A character was removed or registered again while a request that uses it ran (not the caller's fault)."""
+    """A character was removed or registered again while a request that uses it ran (not the caller's
+    fault)."""
 
 
 def data_dir(repository: str | Path) -> Path:
@@ -110,7 +114,8 @@ def plan_path(folder: Path, model: str) -> Path:
 
 
 def weights_path(folder: Path, model: str, form: str) -> Path:
-    """Where a character folder keeps ``model``'s own weights: ``<model>.onnx_adapter`` or ``<model>/model.onnx``."""
+    """Where a character folder keeps ``model``'s own weights: ``<model>.onnx_adapter`` or
+    ``<model>/model.onnx``."""
     if form == "adapter":
         return folder / f"{model}{ADAPTER_SUFFIX}"
     if form == "graph":
@@ -123,8 +128,8 @@ class Character:
     """A registered character: its prompts, their precomputed text embeddings, and which weights it brings.
 
     ``embeddings`` is float32 [2, 77, D]: row 0 is the negative (unconditional) prompt, row 1 the prompt, the
-    order classifier-free guidance batches them in. ``weights`` maps a model name (``unet``, ``text_encoder``) to
-    ``"adapter"`` or ``"graph"`` for each model the character has weights of its own for.
+    order classifier-free guidance batches them in. ``weights`` maps a model name (``unet``, ``text_encoder``)
+    to ``"adapter"`` or ``"graph"`` for each model the character has weights of its own for.
     """
 
     name: str
@@ -159,7 +164,8 @@ class PipelineConfig:
     text_hidden_size: int  # D of the text embeddings and of the UNet's encoder_hidden_states
     token_length: int = C.SD_TOKEN_LENGTH
     default_character: str | None = None
-    # sha256 of the exported folder's tokenizer, text_encoder, unet and vae weights (export/sd.py: fingerprints)
+    # sha256 of the exported folder's tokenizer, text_encoder, unet and vae weights (export/sd.py:
+    # fingerprints)
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     base_fingerprint: str = ""  # the base as characters depend on it: tokenizer, text encoder and UNet
     unet_config: Mapping[str, Any] = field(default_factory=dict)  # the base UNet's config.json (architecture)
@@ -186,8 +192,8 @@ class PipelineConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if raw.get("format") != FORMAT_VERSION:
             raise ValueError(
-                f"{path}: format {raw.get('format')!r} is not {FORMAT_VERSION} (made by an older isekai): run "
-                f"`isekai export sd --model ... --repository {repository}` again"
+                f"{path}: format {raw.get('format')!r} is not {FORMAT_VERSION} (made by an older isekai): "
+                f"run `isekai export sd --model ... --repository {repository}` again"
             )
         return cls(
             scaling_factor=float(raw["scaling_factor"]),
@@ -262,9 +268,9 @@ def write_character(
     """Write ``character`` as ``<repository>/diffusion/characters/<name>/`` in one step; return that folder.
 
     ``files`` maps names inside the folder (``unet.onnx_adapter``, ``unet/model.onnx``, ...) to files that are
-    moved in. Everything is written into a hidden temporary folder first and renamed into place; on any error the
-    temporary folder goes and the repository is as it was. ``replace=False`` refuses a name already registered.
-    The character gets a fresh revision.
+    moved in. Everything is written into a hidden temporary folder first and renamed into place; on any error
+    the temporary folder goes and the repository is as it was. ``replace=False`` refuses a name already
+    registered. The character gets a fresh revision.
     """
     check_character_name(character.name)
     if character.kind not in KINDS:
@@ -272,7 +278,8 @@ def write_character(
     emb = _check_embeddings(character.embeddings)
     for model, form in character.weights.items():
         if model not in CHARACTER_MODELS or form not in WEIGHT_FORMS:
-            raise ValueError(f"character weights should map {CHARACTER_MODELS} to {WEIGHT_FORMS}, not {model}: {form}")
+            raise ValueError(f"character weights should map {CHARACTER_MODELS} to {WEIGHT_FORMS}, not "
+                             f"{model}: {form}")
     root = characters_dir(repository)
     target = root / character.name
     if target.exists() and not replace:
@@ -354,9 +361,9 @@ def _folder_bytes(folder: Path) -> int:
 class CharacterStore:
     """The characters registered in a Triton repository (layout in the module docstring).
 
-    Every :meth:`get` checks the character against the exported base (fingerprint, embeddings' shape) and reads
-    its files again whenever they change, so characters registered, replaced or removed while the server runs
-    are seen at once, and a re-exported base turns the characters of the old one away by name.
+    Every :meth:`get` checks the character against the exported base (fingerprint, embeddings' shape) and
+    reads its files again whenever they change, so characters registered, replaced or removed while the server
+    runs are seen at once, and a re-exported base turns the characters of the old one away by name.
     """
 
     def __init__(self, repository_dir: str | Path):
@@ -391,14 +398,14 @@ class CharacterStore:
     def get(self, name: str | None = None) -> Character:
         """The character ``name``; ``None`` or ``""`` means the repository's default character.
 
-        Raises ValueError for an unknown or invalid name, and for a character that does not fit the exported base
-        (registered on another base model, or embeddings of another shape).
+        Raises ValueError for an unknown or invalid name, and for a character that does not fit the exported
+        base (registered on another base model, or embeddings of another shape).
         """
         config = self.config
         if not name:
             if not config.default_character:
-                raise ValueError(f"no default character in {data_dir(self.repository) / PIPELINE_FILE}: register "
-                                 "one with `isekai character add NAME ... --default`")
+                raise ValueError(f"no default character in {data_dir(self.repository) / PIPELINE_FILE}: "
+                                 "register one with `isekai character add NAME ... --default`")
             name = config.default_character
         check_character_name(name)
         folder = self.directory / name
@@ -433,8 +440,8 @@ class CharacterStore:
         if base != config.base_fingerprint:
             raise ValueError(
                 f"character {character.name!r} was registered on another base model than the one exported in "
-                f"{self.repository} (base {base[:12] or '?'} vs {config.base_fingerprint[:12]}); register it again "
-                "with `isekai character add`, or remove it"
+                f"{self.repository} (base {base[:12] or '?'} vs {config.base_fingerprint[:12]}); register it "
+                "again with `isekai character add`, or remove it"
             )
         want = (2, config.token_length, config.text_hidden_size)
         emb = character.embeddings
@@ -466,7 +473,8 @@ class CharacterStore:
                     except ValueError as err:
                         problem = str(err)
             out.append(CharacterInfo(
-                name=name, kind=character.kind, prompt=character.prompt, negative_prompt=character.negative_prompt,
+                name=name, kind=character.kind, prompt=character.prompt,
+                negative_prompt=character.negative_prompt,
                 default=config is not None and config.default_character == name, bytes=_folder_bytes(folder),
                 revision=character.revision, source=character.source, problem=problem,
             ))
@@ -476,18 +484,20 @@ class CharacterStore:
         """``(form, path)`` of the weights the character ``key`` (``NAME@REVISION``) brings for ``model``.
 
         None when it brings none (the base graph serves it as it is). :class:`CharacterChanged` when the
-        character was removed or written again since ``key`` was handed out (its revision changed); ValueError for
-        a malformed key.
+        character was removed or written again since ``key`` was handed out (its revision changed); ValueError
+        for a malformed key.
         """
         name, revision = parse_key(key)
         folder = self.directory / name
         try:
             meta = json.loads((folder / CHARACTER_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise CharacterChanged(f"character {name!r} is not registered (removed while the request ran?)") from None
+            raise CharacterChanged(
+                f"character {name!r} is not registered (removed while the request ran?)"
+            ) from None
         if meta.get("revision") != revision:
-            raise CharacterChanged(f"character {name!r} was registered again while this request ran (revision {revision} "
-                             f"is gone; now {meta.get('revision')})")
+            raise CharacterChanged(f"character {name!r} was registered again while this request ran "
+                             f"(revision {revision} is gone; now {meta.get('revision')})")
         form = (meta.get("weights") or {}).get(model)
         return None if form is None else (form, weights_path(folder, model, form))
 
@@ -539,7 +549,8 @@ def text_embeddings(
     if not prompt:
         return character.embeddings
     if tokenizer is None:
-        raise ValueError("a prompt override needs the exported tokenizer (diffusion/tokenizer); export sd again")
+        raise ValueError("a prompt override needs the exported tokenizer (diffusion/tokenizer); export sd "
+                         "again")
     ids = np.concatenate([tokenizer(character.negative_prompt), tokenizer(prompt)])
     hidden = np.asarray(encode(ids), dtype=np.float32)
     if hidden.shape[:2] != ids.shape or hidden.shape[2:] != character.embeddings.shape[2:]:

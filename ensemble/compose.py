@@ -1,13 +1,14 @@
 """The ``prepare`` and ``compose`` stages as plain functions: masks and crops in, the finished scene out.
 
 ``prepare_person`` turns SAM's logits into everything the generative stages need (:class:`Prepared`);
-``compose_scene`` puts LaMa's background and the diffusion's character back together. The ``model.py`` adapters
-only move tensors: every array a stage passes on is a field here, and geometry travels as
+``compose_scene`` puts LaMa's background and the diffusion's character back together. The ``model.py``
+adapters only move tensors: every array a stage passes on is a field here, and geometry travels as
 ``CropGeometry.to_array()`` (int64 ``[8]``).
 
 When SAM finds no person (a click on nothing), the stages still run, because a Triton ensemble cannot skip a
 step: :func:`prepare_person` then returns ``found=False``, empty masks, and small placeholder inputs
-(``PLACEHOLDER_SIDE``) so LaMa and the diffusion cost little, and :func:`compose_scene` returns the photo unchanged.
+(``PLACEHOLDER_SIDE``) so LaMa and the diffusion cost little, and :func:`compose_scene` returns the photo
+unchanged.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ class Prepared:
         found: whether a person was found (see :func:`isekai.ensemble.masks.person_found`).
         mask: bool ``[H, W]`` the cleaned person mask (all False when not found): the public ``mask`` output.
         hole: bool ``[H, W]`` the mask dilated: what LaMa fills and the background paste replaces.
-        box: float32 ``[4]`` the person's tight box ``(x0, y0, x1, y1)`` in scene pixels (zeros when not found).
+        box: float32 ``[4]`` the person's tight box ``(x0, y0, x1, y1)`` in scene pixels (zeros when not
+            found).
         lama_image: float32 ``[1, 3, h, w]`` in 0..1, LaMa's ``image`` input.
         lama_mask: float32 ``[1, 1, h, w]`` 1 = hole, LaMa's ``mask`` input.
         lama_geometry: where the LaMa crop sits in the scene.
         person_image: uint8 ``[h, w, 3]`` RGB, the img2img input (long side ``SD_NATIVE_SIZE``).
         person_geometry: where the person crop sits in the scene.
-        character_box: float32 ``[4]`` the person's box in person-crop pixels: the SAM box prompt that cuts the
-            generated character out of its crop.
+        character_box: float32 ``[4]`` the person's box in person-crop pixels: the SAM box prompt that cuts
+            the generated character out of its crop.
     """
 
     found: bool
@@ -76,7 +78,8 @@ def prepare_person(
     h, w = image.shape[:2]
     logits = M.as_2d(mask_logits, "mask_logits")
     if logits.shape != (h, w):
-        raise ValueError(f"mask_logits must be [1, 1, {h}, {w}] like the image but has shape {np.shape(mask_logits)}")
+        raise ValueError(f"mask_logits must be [1, 1, {h}, {w}] like the image but has shape "
+                         f"{np.shape(mask_logits)}")
     mask = M.clean(M.binarize(logits), points, labels)
     if not M.person_found(mask):
         return _not_found(image, lama_working_size, sd_multiple)
@@ -84,22 +87,24 @@ def prepare_person(
     lama_image, lama_mask, lama_geometry = lama_crop(image, hole, working_size=lama_working_size)
     person_image, person_geometry = person_crop(image, mask, long_side=sd_long_side, multiple=sd_multiple)
     box = np.asarray(M.bounding_box(mask), dtype=np.float32)
-    return Prepared(True, mask, hole, box, lama_image, lama_mask, lama_geometry, person_image, person_geometry,
-                    character_box_prompt(box, person_geometry))
+    return Prepared(True, mask, hole, box, lama_image, lama_mask, lama_geometry, person_image,
+                    person_geometry, character_box_prompt(box, person_geometry))
 
 
 def public_mask(mask_logits: np.ndarray) -> bytes:
     """The ``mask`` output of both public models: SAM's own mask (logits above the threshold) as a PNG.
 
-    Deliberately not the cleaned :attr:`Prepared.mask`: ``isekai_segment`` answers exactly what SamPredictor would
-    for the same clicks, and ``isekai`` must show the same mask for them; the cleanup only shapes the hole and crops.
+    Deliberately not the cleaned :attr:`Prepared.mask`: ``isekai_segment`` answers exactly what SamPredictor
+    would for the same clicks, and ``isekai`` must show the same mask for them; the cleanup only shapes the
+    hole and crops.
     """
     return encode_mask(M.binarize(M.as_2d(mask_logits, "masks")))
 
 
 def character_box_prompt(person_box: np.ndarray, geometry: CropGeometry) -> np.ndarray:
-    """The person's scene box ``(x0, y0, x1, y1)`` mapped into the person crop: float32 ``[4]`` in crop pixels,
-    clipped to the crop's content. Prompting SAM with it on the generated crop selects the character."""
+    """The person's scene box ``(x0, y0, x1, y1)`` mapped into the person crop: float32 ``[4]`` in crop
+    pixels, clipped to the crop's content. Prompting SAM with it on the generated crop selects the
+    character."""
     corners = geometry.to_crop(np.asarray(person_box, np.float64).reshape(2, 2))
     corners[:, 0] = np.clip(corners[:, 0], 0, geometry.work_w)
     corners[:, 1] = np.clip(corners[:, 1], 0, geometry.work_h)
@@ -107,11 +112,14 @@ def character_box_prompt(person_box: np.ndarray, geometry: CropGeometry) -> np.n
 
 
 def inpainted_to_rgb(inpainted: np.ndarray) -> np.ndarray:
-    """LaMa's output float ``[1, 3, h, w]`` in 0..1 -> uint8 ``[h, w, 3]`` (values outside 0..1 are clipped)."""
+    """LaMa's output float ``[1, 3, h, w]`` in 0..1 -> uint8 ``[h, w, 3]`` (values outside 0..1 are
+    clipped)."""
     arr = np.asarray(inpainted, dtype=np.float32)
     if arr.ndim != 4 or arr.shape[:2] != (1, 3):
         raise ValueError(f"inpainted must be [1, 3, h, w] but has shape {arr.shape}")
-    return np.rint(np.clip(np.nan_to_num(arr[0]), 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0).copy()
+    return (
+        np.rint(np.clip(np.nan_to_num(arr[0]), 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0).copy()
+    )
 
 
 def paste_background(image: np.ndarray, hole: np.ndarray, inpainted: np.ndarray, geometry: CropGeometry

@@ -45,14 +45,15 @@ class CropGeometry:
             raise ValueError(f"crop sizes must satisfy 0 < work <= out but are work=({self.work_h}, "
                              f"{self.work_w}) out=({self.out_h}, {self.out_w})")
 
-    # -- construction and serialization ------------------------------------------------------------------------
+    # -- construction and serialization ----------------------------------------------------------------------
     @classmethod
     def plan(
         cls, box: BoxXYXY, *, long_side: int, multiple: int, upscale: bool, min_side: int = 1
     ) -> CropGeometry:
         """Geometry for a scene ``box`` resized so its long side is ``long_side`` (never enlarged unless
-        ``upscale``), each side rounded to the nearest pixel, then padded up to a multiple of ``multiple`` and to
-        at least ``min_side`` (a model's smallest input side: a thin photo's crop is padded, not stretched)."""
+        ``upscale``), each side rounded to the nearest pixel, then padded up to a multiple of ``multiple`` and
+        to at least ``min_side`` (a model's smallest input side: a thin photo's crop is padded, not
+        stretched)."""
         x0, y0, x1, y1 = (int(v) for v in box)
         bh, bw = y1 - y0, x1 - x0
         if bh <= 0 or bw <= 0:
@@ -66,8 +67,8 @@ class CropGeometry:
 
     def to_array(self) -> np.ndarray:
         """int64 ``[8]``: ``x0, y0, x1, y1, work_h, work_w, out_h, out_w``."""
-        return np.array([self.x0, self.y0, self.x1, self.y1, self.work_h, self.work_w, self.out_h, self.out_w],
-                        dtype=np.int64)
+        return np.array([self.x0, self.y0, self.x1, self.y1, self.work_h, self.work_w, self.out_h,
+                         self.out_w], dtype=np.int64)
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> CropGeometry:
@@ -77,7 +78,7 @@ class CropGeometry:
             raise ValueError(f"crop geometry must be {cls.ARRAY_LEN} integers but is {arr.tolist()}")
         return cls(*(int(v) for v in arr))
 
-    # -- derived sizes ------------------------------------------------------------------------------------------
+    # -- derived sizes ---------------------------------------------------------------------------------------
     @property
     def box(self) -> BoxXYXY:
         return self.x0, self.y0, self.x1, self.y1
@@ -100,7 +101,7 @@ class CropGeometry:
         """Crop pixels per scene pixel along y."""
         return self.work_h / self.box_h
 
-    # -- coordinates --------------------------------------------------------------------------------------------
+    # -- coordinates -----------------------------------------------------------------------------------------
     def to_crop(self, xy: np.ndarray) -> np.ndarray:
         """``[..., 2]`` scene ``(x, y)`` -> crop ``(x, y)`` (float64)."""
         out = np.array(xy, dtype=np.float64, copy=True)
@@ -115,11 +116,12 @@ class CropGeometry:
         out[..., 1] = out[..., 1] / self.scale_y + self.y0
         return out
 
-    # -- pixels -------------------------------------------------------------------------------------------------
+    # -- pixels ----------------------------------------------------------------------------------------------
     def extract(self, image: np.ndarray) -> np.ndarray:
-        """Cut the box from ``image`` ``[H, W]`` or ``[H, W, C]`` (uint8 or float32), resize it to the work size
-        (area averaging when shrinking, bilinear when enlarging), and pad bottom/right to ``(out_h, out_w)`` by
-        mirroring (the model sees plausible content there, and :meth:`restore` drops it)."""
+        """Cut the box from ``image`` ``[H, W]`` or ``[H, W, C]`` (uint8 or float32), resize it to the work
+        size (area averaging when shrinking, bilinear when enlarging), and pad bottom/right to
+        ``(out_h, out_w)`` by mirroring (the model sees plausible content there, and :meth:`restore` drops
+        it)."""
         img = np.asarray(image)
         if self.y1 > img.shape[0] or self.x1 > img.shape[1]:
             raise ValueError(f"crop box {self.box} does not fit an image of shape {img.shape}")
@@ -139,8 +141,8 @@ class CropGeometry:
         return out
 
     def restore(self, patch: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`extract`: ``[out_h, out_w(, C)]`` -> ``[box_h, box_w(, C)]`` (padding dropped), same
-        dtype."""
+        """Inverse of :meth:`extract`: ``[out_h, out_w(, C)]`` -> ``[box_h, box_w(, C)]`` (padding dropped),
+        same dtype."""
         arr = np.asarray(patch)
         if arr.shape[:2] != (self.out_h, self.out_w):
             raise ValueError(f"patch must be [{self.out_h}, {self.out_w}, ...] for this crop but has shape "
@@ -149,8 +151,8 @@ class CropGeometry:
 
 
 def expand_box(box: BoxXYXY, margin: int, image_size: tuple[int, int]) -> BoxXYXY:
-    """Grow ``box`` by ``margin`` pixels on every side, then shift it back inside the ``(H, W)`` image (keeping
-    its size where the image allows, as IOPaint's crop does), then clip."""
+    """Grow ``box`` by ``margin`` pixels on every side, then shift it back inside the ``(H, W)`` image
+    (keeping its size where the image allows, as IOPaint's crop does), then clip."""
     x0, y0, x1, y1 = box
     h, w = image_size
     x0, x1 = _fit_span(x0 - margin, x1 + margin, w)
@@ -159,7 +161,8 @@ def expand_box(box: BoxXYXY, margin: int, image_size: tuple[int, int]) -> BoxXYX
 
 
 def widen_box(box: BoxXYXY, min_aspect: float, image_size: tuple[int, int]) -> BoxXYXY:
-    """Grow the short side of ``box`` (centred) until short/long >= ``min_aspect``, within the ``(H, W)`` image."""
+    """Grow the short side of ``box`` (centred) until short/long >= ``min_aspect``, within the ``(H, W)``
+    image."""
     x0, y0, x1, y1 = box
     h, w = image_size
     bw, bh = x1 - x0, y1 - y0
@@ -174,7 +177,8 @@ def widen_box(box: BoxXYXY, min_aspect: float, image_size: tuple[int, int]) -> B
 
 def lama_margin(box: BoxXYXY) -> int:
     """Default context margin (pixels) around a LaMa hole's ``box``."""
-    return max(C.LAMA_CROP_MARGIN_PX, _round(C.LAMA_CROP_MARGIN_FRACTION * max(box[2] - box[0], box[3] - box[1])))
+    return max(C.LAMA_CROP_MARGIN_PX,
+               _round(C.LAMA_CROP_MARGIN_FRACTION * max(box[2] - box[0], box[3] - box[1])))
 
 
 def person_margin(box: BoxXYXY) -> int:
@@ -198,7 +202,8 @@ def lama_crop(
         hole: bool ``[H, W]`` pixels to fill (the dilated person mask); must not be empty.
         margin: context pixels around the hole's box; default :func:`lama_margin`.
         working_size: the crop is shrunk (never enlarged) so its long side is at most this.
-        multiple: the padded sides are multiples of this (LaMa's ``LAMA_MODULO``), and at least ``LAMA_MIN_SIDE``.
+        multiple: the padded sides are multiples of this (LaMa's ``LAMA_MODULO``), and at least
+            ``LAMA_MIN_SIDE``.
 
     Returns:
         ``image`` float32 ``[1, 3, h, w]`` in 0..1, ``mask`` float32 ``[1, 1, h, w]`` (1 = hole, a superset of
@@ -214,7 +219,8 @@ def lama_crop(
 
 
 def lama_inputs(image: np.ndarray, hole: np.ndarray, geometry: CropGeometry) -> tuple[np.ndarray, np.ndarray]:
-    """``(image f32 [1, 3, h, w] in 0..1, mask f32 [1, 1, h, w])`` for a given geometry (see :func:`lama_crop`)."""
+    """``(image f32 [1, 3, h, w] in 0..1, mask f32 [1, 1, h, w])`` for a given geometry (see
+    :func:`lama_crop`)."""
     pixels = geometry.extract(_check_rgb(image)).astype(np.float32) / 255.0
     mask = geometry.extract_mask(hole).astype(np.float32)
     return pixels.transpose(2, 0, 1)[None].copy(), mask[None, None]
@@ -252,7 +258,8 @@ def person_crop(
 
 
 def whole_image_crop(image: np.ndarray, long_side: int, multiple: int) -> tuple[np.ndarray, CropGeometry]:
-    """The whole ``image`` ``[H, W, C]`` resized to ``long_side`` (up or down) and padded: placeholder inputs."""
+    """The whole ``image`` ``[H, W, C]`` resized to ``long_side`` (up or down) and padded: placeholder
+    inputs."""
     h, w = image.shape[:2]
     geometry = CropGeometry.plan((0, 0, w, h), long_side=long_side, multiple=multiple, upscale=True)
     return geometry.extract(image), geometry
@@ -278,7 +285,7 @@ def paste(scene: np.ndarray, patch: np.ndarray, geometry: CropGeometry, alpha: n
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _resize(arr: np.ndarray, h: int, w: int) -> np.ndarray:
     if arr.shape[:2] == (h, w):
         return arr.copy()

@@ -1,20 +1,23 @@
 """Image bytes in, RGB arrays out, and back: the request's photo decoded safely, the results encoded.
 
 Decoding is the first code a request's bytes meet, so it refuses whatever it does not fully understand with a
-``ValueError`` naming the input ``"image"``, the value found and what is allowed. Size limits are checked from the
-file's header, before any pixel is decoded (a 50-byte PNG can declare 30000x30000 pixels).
+``ValueError`` naming the input ``"image"``, the value found and what is allowed. Size limits are checked from
+the file's header, before any pixel is decoded (a 50-byte PNG can declare 30000x30000 pixels).
 
 Decisions (documented here once, quoted by the README):
 
-- Formats: only :data:`isekai.constants.IMAGE_INPUT_FORMATS`; Pillow's other plugins (EPS runs Ghostscript, ...) are
-  never reached.
-- Orientation: the EXIF orientation tag is applied, so the array is what a viewer shows; clicks are in that frame.
-- Multi-frame files (animated GIF/WebP/PNG, multi-page TIFF, MPO): the first frame is used. Refusing them would refuse
-  ordinary camera photos (MPO JPEGs carry a preview frame), and counting frames means decoding all of them.
+- Formats: only :data:`isekai.constants.IMAGE_INPUT_FORMATS`; Pillow's other plugins (EPS runs Ghostscript,
+  ...) are never reached.
+- Orientation: the EXIF orientation tag is applied, so the array is what a viewer shows; clicks are in that
+  frame.
+- Multi-frame files (animated GIF/WebP/PNG, multi-page TIFF, MPO): the first frame is used. Refusing them
+  would refuse ordinary camera photos (MPO JPEGs carry a preview frame), and counting frames means decoding
+  all of them.
 - Transparency (RGBA, LA, PA, palette or grayscale with a transparent colour) is composited on white.
-- 16-bit grayscale (``I;16*`` and ``I``) is scaled from 0..65535 to 0..255; 32-bit float (``F``) is read as 0..1.
-- CMYK and images with an embedded ICC profile are converted to sRGB with that profile (LittleCMS); if the profile
-  is unusable, Pillow's plain conversion is used instead.
+- 16-bit grayscale (``I;16*`` and ``I``) is scaled from 0..65535 to 0..255; 32-bit float (``F``) is read as
+  0..1.
+- CMYK and images with an embedded ICC profile are converted to sRGB with that profile (LittleCMS); if the
+  profile is unusable, Pillow's plain conversion is used instead.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def probe_image(
     max_bytes: int = C.MAX_IMAGE_BYTES,
     min_side: int = C.MIN_IMAGE_SIDE,
 ) -> tuple[int, int]:
-    """Return the displayed size ``(H, W)`` of an encoded image from its header alone (EXIF orientation applied).
+    """Return the displayed size ``(H, W)`` of an encoded image from its header alone (EXIF orientation
+    applied).
 
     Cheap (no pixel is decoded) but not a full check: a truncated file passes here and fails in
     :func:`decode_image`. Raises ``ValueError`` as :func:`decode_image` does for the size limits.
@@ -50,7 +54,7 @@ def probe_image(
         w, h = img.size
         try:
             orientation = img.getexif().get(_EXIF_ORIENTATION)
-        except Exception:  # a malformed EXIF block is ignored here as exif_transpose would fail later
+        except Exception:  # noqa: BLE001 - malformed EXIF is ignored here as exif_transpose would fail later
             orientation = None
     return (w, h) if orientation in _SWAPPING_ORIENTATIONS else (h, w)
 
@@ -71,24 +75,27 @@ def decode_image(
         min_side: smallest allowed height and width.
 
     Returns:
-        uint8 ``[H, W, 3]`` RGB, C-contiguous, in the displayed orientation (see the module docstring for alpha,
-        16-bit, CMYK and multi-frame files).
+        uint8 ``[H, W, 3]`` RGB, C-contiguous, in the displayed orientation (see the module docstring for
+        alpha, 16-bit, CMYK and multi-frame files).
 
     Raises:
-        ValueError: naming ``image``, for empty, oversized, undersized, unsupported, corrupt or truncated input.
+        ValueError: naming ``image``, for empty, oversized, undersized, unsupported, corrupt or truncated
+            input.
     """
     with _open_checked(data, max_pixels=max_pixels, max_bytes=max_bytes, min_side=min_side) as img:
         fmt = img.format
         try:
             img.load()  # the first frame only; decodes the pixels and detects truncation
             oriented = ImageOps.exif_transpose(img)
-        except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, struct.error, zlib.error, ...
+        # Pillow's decoders raise OSError, SyntaxError, struct.error, zlib.error, ...
+        except Exception as exc:
             raise ValueError(f"{INPUT_NAME}: the {fmt} data could not be decoded ({exc}); send a complete, "
                              f"valid {'/'.join(C.IMAGE_INPUT_FORMATS)} file") from exc
     try:
         rgb = _to_rgb(oriented)
     except Exception as exc:  # an exotic mode Pillow cannot convert (e.g. LAB) is the input's fault, not ours
-        raise ValueError(f"{INPUT_NAME}: {fmt} image of mode {oriented.mode!r} cannot be converted to RGB ({exc})"
+        raise ValueError(f"{INPUT_NAME}: {fmt} image of mode {oriented.mode!r} cannot be converted to RGB "
+                         f"({exc})"
                          ) from exc
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     return rgb if rgb.flags.writeable else rgb.copy()  # Pillow's array views are read-only
@@ -149,7 +156,7 @@ def decode_mask(data: bytes) -> np.ndarray:
         raise ValueError(f"mask: not a PNG mask ({exc})") from exc
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _open_checked(data: bytes, *, max_pixels: int, max_bytes: int, min_side: int) -> Image.Image:
     """Open ``data`` lazily (header only) and enforce the byte, format and size limits."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -177,7 +184,8 @@ def _open_checked(data: bytes, *, max_pixels: int, max_bytes: int, min_side: int
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
-    """Convert any decoded Pillow image to uint8 ``[H, W, 3]`` RGB (see the module docstring for the rules)."""
+    """Convert any decoded Pillow image to uint8 ``[H, W, 3]`` RGB (see the module docstring for the
+    rules)."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         gray = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
@@ -185,7 +193,9 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if mode == "F":
         gray = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
         return _gray_to_rgb(np.rint(np.clip(gray, 0.0, 1.0) * 255).astype(np.uint8))
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB", "1") and "transparency" in img.info
+    ):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
         alpha = rgba[..., 3:]
         # Integer "over white": exact at alpha 0 and 255, rounded to nearest elsewhere.
@@ -198,13 +208,14 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def _icc_to_srgb(img: Image.Image) -> Image.Image | None:
-    """Apply the embedded ICC profile to get sRGB, or None when the profile is unusable (then plain conversion)."""
+    """Apply the embedded ICC profile to get sRGB, or None when the profile is unusable (then plain
+    conversion)."""
     try:
         src = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
         if img.mode == "RGB" and "srgb" in ImageCms.getProfileDescription(src).lower():
             return img  # already sRGB: a transform would only cost time
         return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unusable profile of any kind falls back to the plain conversion
         return None
 
 

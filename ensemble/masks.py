@@ -1,8 +1,8 @@
 """Mask operations between SAM and the crops: threshold, clean, dilate, feather, box, "was anyone found?".
 
 Masks are bool ``[H, W]`` in image pixels; logits are float ``[H, W]`` (``[1, H, W]`` and ``[1, 1, H, W]`` are
-accepted and squeezed). Distances are Euclidean, in pixels (OpenCV's exact distance transform), so dilation and
-feathering are round, not square, and cost the same at any radius.
+accepted and squeezed). Distances are Euclidean, in pixels (OpenCV's exact distance transform), so dilation
+and feathering are round, not square, and cost the same at any radius.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def clean(
 ) -> np.ndarray:
     """Drop stray islands and fill pinholes of a mask, respecting the user's clicks.
 
-    Islands (8-connected) smaller than ``min_island_fraction`` of the mask's area are dropped unless a positive
-    click is within ``radius`` pixels of them (a clicked small part is what the user asked for). Holes
-    (4-connected background not touching the border) smaller than ``max_hole_fraction`` of the remaining area
-    are filled unless a negative click is inside them. If every island would go, the largest stays.
+    Islands (8-connected) smaller than ``min_island_fraction`` of the mask's area are dropped unless a
+    positive click is within ``radius`` pixels of them (a clicked small part is what the user asked for).
+    Holes (4-connected background not touching the border) smaller than ``max_hole_fraction`` of the remaining
+    area are filled unless a negative click is inside them. If every island would go, the largest stays.
 
     Args:
         mask: bool ``[H, W]``.
@@ -78,7 +78,8 @@ def clean(
 
 
 def dilate(mask: np.ndarray, px: float) -> np.ndarray:
-    """Grow a bool ``[H, W]`` mask by a disc of radius ``px`` pixels (every pixel within ``px`` of the mask)."""
+    """Grow a bool ``[H, W]`` mask by a disc of radius ``px`` pixels (every pixel within ``px`` of the
+    mask)."""
     m = as_2d(mask).astype(bool)
     if px <= 0 or not m.any():
         return m.copy()
@@ -101,7 +102,8 @@ def feather(mask: np.ndarray, radius: float) -> np.ndarray:
 
 
 def bounding_box(mask: np.ndarray) -> BoxXYXY | None:
-    """Tight box ``(x0, y0, x1, y1)`` of a bool ``[H, W]`` mask in pixel edges (x1, y1 exclusive); None if empty."""
+    """Tight box ``(x0, y0, x1, y1)`` of a bool ``[H, W]`` mask in pixel edges (x1, y1 exclusive); None if
+    empty."""
     m = as_2d(mask).astype(bool)
     rows = np.flatnonzero(m.any(axis=1))
     if rows.size == 0:
@@ -124,7 +126,7 @@ def person_found(mask: np.ndarray, min_fraction: float = C.PERSON_MIN_AREA_FRACT
     return area_fraction(mask) >= min_fraction and bool(as_2d(mask).any())
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _distance_to(mask: np.ndarray) -> np.ndarray:
     """float32 ``[H, W]``: distance of every pixel to the nearest True pixel of ``mask`` (0 on it)."""
     # OpenCV measures from non-zero pixels to the nearest zero one, so the targets are the zeros.
@@ -161,7 +163,8 @@ def _fill_holes(m: np.ndarray, negative: np.ndarray, max_fraction: float) -> np.
 
 
 def _labels_near(lab: np.ndarray, points: np.ndarray, radius: float) -> set[int]:
-    """Component labels (> 0) with a pixel within ``radius`` of any ``(x, y)`` point (radius 0: the pixel hit)."""
+    """Component labels (> 0) with a pixel within ``radius`` of any ``(x, y)`` point (radius 0: the pixel
+    hit)."""
     h, w = lab.shape
     found: set[int] = set()
     r = int(np.ceil(radius))

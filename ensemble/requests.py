@@ -1,15 +1,15 @@
 """One validator per public request type, run before any model work.
 
-:func:`validate_swap` (the ``isekai`` model) and :func:`validate_segment` (``isekai_segment``) take the request's
-inputs as Triton hands them to a Python model (numpy arrays: BYTES as object arrays of ``bytes``, scalars as
-``[1]`` arrays) or as plain Python values, fill the optional ones from :mod:`isekai.constants`, decode the image
-(clicks can only be checked against its size), and return a frozen dataclass. Anything wrong raises
-``ValueError`` naming the input, the value and what is allowed; the adapter turns it into an ``INVALID_ARG``
-error for that request alone. Cheap checks run first, so a bad option costs no image decode.
+:func:`validate_swap` (the ``isekai`` model) and :func:`validate_segment` (``isekai_segment``) take the
+request's inputs as Triton hands them to a Python model (numpy arrays: BYTES as object arrays of ``bytes``,
+scalars as ``[1]`` arrays) or as plain Python values, fill the optional ones from :mod:`isekai.constants`,
+decode the image (clicks can only be checked against its size), and return a frozen dataclass. Anything wrong
+raises ``ValueError`` naming the input, the value and what is allowed; the adapter turns it into an
+``INVALID_ARG`` error for that request alone. Cheap checks run first, so a bad option costs no image decode.
 
 Whether a character exists is the character store's question, not this module's: here a name only has to be
-well formed (:data:`isekai.constants.CHARACTER_NAME_PATTERN`). Likewise whether the repository has an ``upscale``
-graph (:func:`isekai.ensemble.finish.require_upscale_graph`).
+well formed (:data:`isekai.constants.CHARACTER_NAME_PATTERN`). Likewise whether the repository has an
+``upscale`` graph (:func:`isekai.ensemble.finish.require_upscale_graph`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def validate_swap(
     format: Any = None,  # noqa: A002 - the public input's name
     upscale: Any = None,
 ) -> SwapRequest:
-    """Validate an ``isekai`` request (see :mod:`isekai.client.api` for the tensors); None means "not sent"."""
+    """Validate an ``isekai`` request (see :mod:`isekai.client.api` for the tensors); None means "not
+    sent"."""
     options = validate_options(character=character, prompt=prompt, strength=strength, steps=steps,
                                guidance=guidance, seed=seed, format=format, upscale=upscale)
     clicks = click_arrays(points, labels, box)
@@ -139,7 +140,7 @@ def precheck_swap(
     return parsed
 
 
-# -- the parts, usable on their own by a stage that only sees some inputs --------------------------------------
+# -- the parts, usable on their own by a stage that only sees some inputs ------------------------------------
 def validate_clicks(points: Any, labels: Any, box: Any, image_size: tuple[int, int]) -> Clicks:
     """:func:`click_arrays` then :func:`check_inside` for an image of ``(H, W)``."""
     return check_inside(click_arrays(points, labels, box), image_size)
@@ -147,8 +148,8 @@ def validate_clicks(points: Any, labels: Any, box: Any, image_size: tuple[int, i
 
 def click_arrays(points: Any, labels: Any, box: Any) -> Clicks:
     """Shapes, types and values of the clicks, without the image: ``points`` ``[N, 2]``, ``labels`` ``[N]`` in
-    {0, 1}, ``box`` ``[4]`` or None/empty, all finite, N <= ``MAX_POINTS``, and at least one positive click or a
-    box. Coordinates stay float64 here (a huge value must fail the bounds check, not become inf)."""
+    {0, 1}, ``box`` ``[4]`` or None/empty, all finite, N <= ``MAX_POINTS``, and at least one positive click or
+    a box. Coordinates stay float64 here (a huge value must fail the bounds check, not become inf)."""
     pts = _numeric_array("points", points)
     n = 0 if pts.size == 0 else (pts.shape[0] if pts.ndim == 2 and pts.shape[1] == 2 else -1)
     if n < 0:
@@ -183,8 +184,8 @@ def click_arrays(points: Any, labels: Any, box: Any) -> Clicks:
 
 
 def check_inside(clicks: Clicks, image_size: tuple[int, int]) -> Clicks:
-    """Every click and the box inside the ``(H, W)`` image (``0 <= x <= W``, ``0 <= y <= H``); returns the clicks
-    as float32/int32."""
+    """Every click and the box inside the ``(H, W)`` image (``0 <= x <= W``, ``0 <= y <= H``); returns the
+    clicks as float32/int32."""
     h, w = int(image_size[0]), int(image_size[1])
     for i, (x, y) in enumerate(clicks.points):
         if not (0 <= x <= w and 0 <= y <= h):
@@ -193,7 +194,7 @@ def check_inside(clicks: Clicks, image_size: tuple[int, int]) -> Clicks:
     box = clicks.box
     if box is not None:
         x0, y0, x1, y1 = box
-        if not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
+        if not (x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h):
             raise ValueError(f"box = {box.tolist()} is outside the {w}x{h} image; allowed 0 <= x <= {w}, "
                              f"0 <= y <= {h}")
         box = box.astype(np.float32)
@@ -248,17 +249,18 @@ def validate_options(
 
 
 def check_result_size(options: SwapOptions, image_size: tuple[int, int]) -> None:
-    """The ``result`` of an ``(H, W)`` photo at ``options.upscale`` within ``MAX_UPSCALED_PIXELS`` and within what
-    ``options.format`` can encode (``ENCODER_MAX_SIDE``); ValueError naming ``upscale``, the factor and the size
-    otherwise. Needs the decoded size, so it runs after the decode (still before any model)."""
+    """The ``result`` of an ``(H, W)`` photo at ``options.upscale`` within ``MAX_UPSCALED_PIXELS`` and within
+    what ``options.format`` can encode (``ENCODER_MAX_SIDE``); ValueError naming ``upscale``, the factor and
+    the size otherwise. Needs the decoded size, so it runs after the decode (still before any model)."""
     height, width, factor = int(image_size[0]), int(image_size[1]), options.upscale
     if factor != C.DEFAULT_UPSCALE:
         check_upscale_size(height, width, factor)
     max_side = C.ENCODER_MAX_SIDE.get(options.format)
     if max_side is not None and factor * max(height, width) > max_side:
         raise ValueError(
-            f"upscale x{factor} of a {height}x{width} (HxW) image would be {factor * height}x{factor * width}, and "
-            f"format {options.format} holds at most {max_side} pixels a side; use png or a smaller upscale"
+            f"upscale x{factor} of a {height}x{width} (HxW) image would be "
+            f"{factor * height}x{factor * width}, and format {options.format} holds at most {max_side} "
+            "pixels a side; use png or a smaller upscale"
         )
 
 
@@ -275,12 +277,13 @@ def validate_mask_input(mask_input: Any) -> np.ndarray | None:
 
 
 def image_bytes(value: Any) -> bytes:
-    """The encoded image from a Triton BYTES tensor (``[1]`` or ``[1, 1]`` object array) or bytes-like value."""
+    """The encoded image from a Triton BYTES tensor (``[1]`` or ``[1, 1]`` object array) or bytes-like
+    value."""
     if isinstance(value, np.ndarray):
         # Object arrays only: numpy's fixed-width bytes ("S") silently drop trailing NUL bytes.
         if value.dtype.kind != "O" or value.size != 1:
-            raise ValueError(f"image must be one encoded image (a BYTES [1] object array) but is {value.dtype} "
-                             f"{value.shape}")
+            raise ValueError("image must be one encoded image (a BYTES [1] object array) but is "
+                             f"{value.dtype} {value.shape}")
         value = value.reshape(-1)[0]
     if isinstance(value, (bytearray, memoryview)):
         value = bytes(value)
@@ -289,7 +292,7 @@ def image_bytes(value: Any) -> bytes:
     return value
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _numeric_array(name: str, value: Any) -> np.ndarray:
     """float64/int array of ``value`` (None -> empty); refuses strings, objects, complex, booleans."""
     if value is None:

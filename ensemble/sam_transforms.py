@@ -1,15 +1,16 @@
-"""All of SAM's resize, coordinate and shape maths, in one class (segment-anything's ``ResizeLongestSide``, numpy).
+"""All of SAM's resize, coordinate and shape maths, in one class (segment-anything's ``ResizeLongestSide``,
+numpy).
 
 Geometry contracts (the ones SAM's own code leaves implicit):
 
 - Images are uint8 ``[H, W, 3]`` RGB; ``original_size`` is always ``(H, W)``, height first.
 - Points are ``(x, y)`` in pixels of the original image (x to the right, y down), continuous: pixel ``(i, j)``
   covers ``[j, j + 1) x [i, i + 1)``. Boxes are ``(x0, y0, x1, y1)`` in the same frame.
-- The "1024 frame" is the original image scaled by ``long_side / max(H, W)`` per axis, with the size rounded as
-  :meth:`SamTransform.get_preprocess_shape` does; the encoder input holds it at the top-left of a zero-padded
-  ``long_side`` square (Sam.preprocess pads bottom/right after normalizing).
-- The ONNX decoder's ``orig_im_size`` is float32 ``(H, W)`` of the ORIGINAL image; its output masks are logits at
-  that size, so they need no further resizing here.
+- The "1024 frame" is the original image scaled by ``long_side / max(H, W)`` per axis, with the size rounded
+  as :meth:`SamTransform.get_preprocess_shape` does; the encoder input holds it at the top-left of a
+  zero-padded ``long_side`` square (Sam.preprocess pads bottom/right after normalizing).
+- The ONNX decoder's ``orig_im_size`` is float32 ``(H, W)`` of the ORIGINAL image; its output masks are logits
+  at that size, so they need no further resizing here.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class SamTransform:
         return out
 
     def restore_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        """Inverse of :meth:`apply_coords`: ``[..., 2]`` 1024-frame ``(x, y)`` -> original pixels (float64)."""
+        """Inverse of :meth:`apply_coords`: ``[..., 2]`` 1024-frame ``(x, y)`` -> original pixels
+        (float64)."""
         sx, sy = self._scales(original_size)
         out = np.array(coords, dtype=np.float64, copy=True)
         out[..., 0] /= sx
@@ -97,7 +99,8 @@ class SamTransform:
         box: np.ndarray | None,
         original_size: tuple[int, int],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Build the ONNX decoder's ``point_coords`` and ``point_labels`` (segment-anything's ONNX convention).
+        """Build the ONNX decoder's ``point_coords`` and ``point_labels`` (segment-anything's ONNX
+        convention).
 
         Args:
             points: ``[N, 2]`` ``(x, y)`` clicks in original pixels (N may be 0, or None for no clicks).
@@ -107,13 +110,17 @@ class SamTransform:
 
         Returns:
             ``point_coords`` float32 ``[1, M, 2]`` in the 1024 frame and ``point_labels`` float32 ``[1, M]``:
-            the clicks, then the box as two corners labelled 2 and 3 (``M = N + 2``), or without a box a padding
-            point ``(0, 0)`` labelled -1 (``M = N + 1``).
+            the clicks, then the box as two corners labelled 2 and 3 (``M = N + 2``), or without a box a
+            padding point ``(0, 0)`` labelled -1 (``M = N + 1``).
         """
-        pts = np.zeros((0, 2), np.float64) if points is None else np.asarray(points, np.float64).reshape(-1, 2)
+        pts = (
+            np.zeros((0, 2), np.float64) if points is None else np.asarray(points, np.float64).reshape(-1, 2)
+        )
         lbl = np.zeros((0,), np.float64) if labels is None else np.asarray(labels, np.float64).reshape(-1)
         if len(pts) != len(lbl):
-            raise ValueError(f"points and labels must have the same length but have {len(pts)} and {len(lbl)}")
+            raise ValueError(
+                f"points and labels must have the same length but have {len(pts)} and {len(lbl)}"
+            )
         if box is not None:
             extra_pts = np.asarray(box, np.float64).reshape(2, 2)
             extra_lbl = np.array([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL])
@@ -139,10 +146,10 @@ class SamTransform:
 
         Args:
             points, labels, box, original_size: as in :meth:`decoder_prompt`.
-            mask_input: float32 ``[1, 1, 256, 256]`` low-res logits of a previous answer, or None (then zeros and
-                ``has_mask_input = 0``).
-            embeddings: float32 ``[1, 256, 64, 64]`` from the encoder; included under ``image_embeddings`` when
-                given (the adapter may route it separately).
+            mask_input: float32 ``[1, 1, 256, 256]`` low-res logits of a previous answer, or None (then zeros
+                and ``has_mask_input = 0``).
+            embeddings: float32 ``[1, 256, 64, 64]`` from the encoder; included under ``image_embeddings``
+                when given (the adapter may route it separately).
 
         Returns:
             ``point_coords`` f32 ``[1, M, 2]``, ``point_labels`` f32 ``[1, M]``, ``mask_input`` f32

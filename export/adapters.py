@@ -1,15 +1,15 @@
 """A LoRA as an onnxruntime adapter for the exported base graph, or fused into PyTorch weights.
 
-:func:`adapter_params` fits a LoRA's layers (:mod:`isekai.export.lora_formats`) to the LoRA slots of an exported
-graph (:mod:`isekai.export.lora_slots`), checking every shape against the base layer, and folds the scale into the
-up factor: a Linear slot takes ``A = down.T`` [in, r] and ``B = (scale * up).T`` [r, out]; a Conv2d slot takes
-``A = down`` [r, in, kh, kw] and ``B = scale * up`` [out, r, 1, 1]. :func:`write_adapter` stores them as an
-``.onnx_adapter`` file (``onnxruntime.AdapterFormat``) that ``onnxruntime.LoraAdapter`` loads and
-``RunOptions.add_active_adapter`` applies to one run.
+:func:`adapter_params` fits a LoRA's layers (:mod:`isekai.export.lora_formats`) to the LoRA slots of an
+exported graph (:mod:`isekai.export.lora_slots`), checking every shape against the base layer, and folds the
+scale into the up factor: a Linear slot takes ``A = down.T`` [in, r] and ``B = (scale * up).T`` [r, out]; a
+Conv2d slot takes ``A = down`` [r, in, kh, kw] and ``B = scale * up`` [out, r, 1, 1]. :func:`write_adapter`
+stores them as an ``.onnx_adapter`` file (``onnxruntime.AdapterFormat``) that ``onnxruntime.LoraAdapter``
+loads and ``RunOptions.add_active_adapter`` applies to one run.
 
-:func:`fuse_into` adds ``scale * up @ down`` to a PyTorch module's weights, as diffusers' ``fuse_lora`` does: the
-text encoder's LoRA is fused when a character's prompt embeddings are computed, and tests compare the served
-adapter against a fused model.
+:func:`fuse_into` adds ``scale * up @ down`` to a PyTorch module's weights, as diffusers' ``fuse_lora`` does:
+the text encoder's LoRA is fused when a character's prompt embeddings are computed, and tests compare the
+served adapter against a fused model.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _fit(path: str, layer: LoraLayer, slot: SlotShape, where: str) -> tuple[np.n
     down, up = layer.down, layer.up
     if slot.kind == "linear" and down.ndim == 4:  # a Linear adapted by 1x1 conv factors
         if down.shape[2:] != (1, 1):
-            raise ValueError(f"{where} layer {path!r} is Linear but its LoRA is a {down.shape[2]}x{down.shape[3]} conv")
+            raise ValueError(f"{where} layer {path!r} is Linear but its LoRA is a "
+                             f"{down.shape[2]}x{down.shape[3]} conv")
         down, up = down[:, :, 0, 0], up[:, :, 0, 0]
     if slot.kind == "conv" and down.ndim == 2:  # a 1x1 conv adapted by Linear-shaped factors
         if slot.kernel != (1, 1):
@@ -39,11 +40,13 @@ def _fit(path: str, layer: LoraLayer, slot: SlotShape, where: str) -> tuple[np.n
     want_in = (slot.in_features, *slot.kernel) if slot.kind == "conv" else (slot.in_features,)
     if tuple(down.shape[1:]) != want_in or up.shape[0] != slot.out_features:
         raise ValueError(
-            f"{where} layer {path!r}: the LoRA maps {list(down.shape[1:])} -> {up.shape[0]} but the base layer maps "
-            f"{list(want_in)} -> {slot.out_features}: a LoRA made for another base model (SD 2.x, SDXL, ...)"
+            f"{where} layer {path!r}: the LoRA maps {list(down.shape[1:])} -> {up.shape[0]} but the base "
+            f"layer maps {list(want_in)} -> {slot.out_features}: a LoRA made for another base model (SD 2.x, "
+            "SDXL, ...)"
         )
     if slot.kind == "linear":
-        return np.ascontiguousarray(down.T, np.float32), np.ascontiguousarray((up * layer.scale).T, np.float32)
+        return (np.ascontiguousarray(down.T, np.float32),
+                np.ascontiguousarray((up * layer.scale).T, np.float32))
     return np.ascontiguousarray(down, np.float32), np.ascontiguousarray(up * layer.scale, np.float32)
 
 
@@ -52,23 +55,24 @@ def adapter_params(
 ) -> dict[str, np.ndarray]:
     """The adapter's parameters (slot input name -> float32 array) for ``layers`` on a graph with ``slots``.
 
-    ``where`` names the model in errors (e.g. ``"unet"``). A layer without a slot is refused: the exported base
-    was made with narrower ``--lora-targets`` than the LoRA adapts.
+    ``where`` names the model in errors (e.g. ``"unet"``). A layer without a slot is refused: the exported
+    base was made with narrower ``--lora-targets`` than the LoRA adapts.
     """
     params: dict[str, np.ndarray] = {}
     for path, layer in layers.items():
         slot = slots.get(path)
         if slot is None:
             raise ValueError(
-                f"{where} layer {path!r} has no LoRA slot in the exported {where} graph ({len(slots)} slots): "
-                f"export the base again with wider --lora-targets (e.g. all)"
+                f"{where} layer {path!r} has no LoRA slot in the exported {where} graph ({len(slots)} "
+                "slots): export the base again with wider --lora-targets (e.g. all)"
             )
         params[path + SLOT_A], params[path + SLOT_B] = _fit(path, layer, slot, where)
     return params
 
 
 def stack(*adapters: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Several adapters as one: their factors concatenated along the rank (``B1 A1 + B2 A2 = [B1 B2] [A1; A2]``)."""
+    """Several adapters as one: their factors concatenated along the rank
+    (``B1 A1 + B2 A2 = [B1 B2] [A1; A2]``)."""
     out: dict[str, np.ndarray] = {}
     for params in adapters:
         for name, value in params.items():
@@ -90,7 +94,9 @@ def write_adapter(params: Mapping[str, np.ndarray], path: str | Path) -> Path:
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(1)
     adapter.set_model_version(1)
-    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params.items()})
+    adapter.set_parameters(
+        {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+    )
     adapter.export_adapter(str(path))
     return path
 
@@ -105,7 +111,8 @@ def read_adapter(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def fuse_into(module, layers: Mapping[str, LoraLayer]) -> None:
-    """Add each layer's ``scale * up @ down`` to ``module``'s weights in place (``module`` a torch.nn.Module)."""
+    """Add each layer's ``scale * up @ down`` to ``module``'s weights in place (``module`` a
+    torch.nn.Module)."""
     import torch  # noqa: PLC0415
 
     with torch.no_grad():
@@ -123,5 +130,6 @@ def fuse_into(module, layers: Mapping[str, LoraLayer]) -> None:
                     down, up = down[:, :, None, None], up[:, :, None, None]
                 delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
             if delta.shape != weight.shape:
-                raise ValueError(f"layer {path!r}: LoRA delta {list(delta.shape)} != weight {list(weight.shape)}")
+                raise ValueError(f"layer {path!r}: LoRA delta {list(delta.shape)} != weight "
+                                 f"{list(weight.shape)}")
             weight += delta

@@ -1,7 +1,7 @@
 """Characters of a repository: register, list, remove, pick the default (``isekai character ...``).
 
-One base Stable Diffusion model per repository (``isekai export sd``) draws every character, in one of three ways
-(layout on disk in :mod:`isekai.ensemble.characters`):
+One base Stable Diffusion model per repository (``isekai export sd``) draws every character, in one of three
+ways (layout on disk in :mod:`isekai.ensemble.characters`):
 
 - ``prompt``: the base model with the character's own prompt (``isekai character add NAME --prompt ...``);
 - ``lora``: the base model plus the character's LoRA (``--lora FILE``, any layout of
@@ -53,7 +53,8 @@ class Base:
         for model in chars.CHARACTER_MODELS:
             graph = graph_path(repository, model)
             if not graph.is_file():
-                raise FileNotFoundError(f"{graph} is missing: run `isekai export sd --repository {repository}` first")
+                raise FileNotFoundError(f"{graph} is missing: run "
+                                        f"`isekai export sd --repository {repository}` first")
             slots[model] = lora_slots.read_slots(graph)
             layers[model] = lora_slots.graph_layers(graph)[0]
         return cls(repository, config, slots, layers)
@@ -91,8 +92,8 @@ def encode_prompts(
 def _check_new(repository: Path, name: str, replace: bool) -> None:
     chars.check_character_name(name)
     if not replace and (chars.characters_dir(repository) / name / chars.CHARACTER_FILE).is_file():
-        raise ValueError(f"character {name!r} is already registered in {repository}: give --replace to replace it, "
-                         "or remove it first")
+        raise ValueError(f"character {name!r} is already registered in {repository}: give --replace to "
+                         "replace it, or remove it first")
 
 
 def _finish(repository: Path, base: Base, character: chars.Character, files: Mapping[str, Path], default: bool
@@ -114,7 +115,8 @@ def add_prompt_character(
     _check_new(repository, name, replace)
     check_prompts(prompt, negative_prompt)
     base = Base.load(repository)
-    embeddings = encode_prompts(repository, [negative_prompt, prompt])  # row 0 unconditional, as the loop wants
+    # row 0 unconditional, as the loop wants
+    embeddings = encode_prompts(repository, [negative_prompt, prompt])
     character = chars.Character(name, prompt, negative_prompt, embeddings, kind="prompt", source="prompt")
     return _finish(repository, base, character, {}, default)
 
@@ -125,10 +127,10 @@ def add_lora_character(
 ) -> Path:
     """Register ``name``: the base model with the LoRA at ``lora`` (file or folder) and ``prompt``.
 
-    The UNet LoRA becomes ``unet.onnx_adapter`` (scale folded in, every shape checked against the base's slots);
-    a text-encoder LoRA is applied to the prompt embeddings and kept as ``text_encoder.onnx_adapter`` for prompt
-    overrides. Refuses, before writing anything, a file it cannot read, a LoRA for another base, and a LoRA
-    adapting layers the base graph has no slot for.
+    The UNet LoRA becomes ``unet.onnx_adapter`` (scale folded in, every shape checked against the base's
+    slots); a text-encoder LoRA is applied to the prompt embeddings and kept as ``text_encoder.onnx_adapter``
+    for prompt overrides. Refuses, before writing anything, a file it cannot read, a LoRA for another base,
+    and a LoRA adapting layers the base graph has no slot for.
     """
     repository = Path(repository)
     _check_new(repository, name, replace)
@@ -139,15 +141,18 @@ def add_lora_character(
         raise ValueError(f"{lora} adapts no layer of the UNet or the text encoder")
     params = {
         model: adapters.adapter_params(layers, base.slots[model], model)
-        for model, layers in ((C.UNET_MODEL, found.unet), (C.TEXT_ENCODER_MODEL, found.text_encoder)) if layers
+        for model, layers in ((C.UNET_MODEL, found.unet), (C.TEXT_ENCODER_MODEL, found.text_encoder))
+        if layers
     }
     embeddings = encode_prompts(repository, [negative_prompt, prompt], params.get(C.TEXT_ENCODER_MODEL))
     ranks = sorted({layer.rank for part in (found.unet, found.text_encoder) for layer in part.values()})
-    source = (f"{Path(lora).name} ({found.layout}; rank {'/'.join(map(str, ranks))}; {len(found.unet)} UNet and "
-              f"{len(found.text_encoder)} text encoder layers)")
+    source = (f"{Path(lora).name} ({found.layout}; rank {'/'.join(map(str, ranks))}; {len(found.unet)} UNet "
+              f"and {len(found.text_encoder)} text encoder layers)")
     with tempfile.TemporaryDirectory(dir=_staging(repository), prefix=".staging-") as tmp:
         files = {
-            f"{model}{chars.ADAPTER_SUFFIX}": adapters.write_adapter(p, Path(tmp) / f"{model}{chars.ADAPTER_SUFFIX}")
+            f"{model}{chars.ADAPTER_SUFFIX}": adapters.write_adapter(
+                p, Path(tmp) / f"{model}{chars.ADAPTER_SUFFIX}"
+            )
             for model, p in params.items()
         }
         character = chars.Character(name, prompt, negative_prompt, embeddings, kind="lora",
@@ -166,11 +171,12 @@ def add_full_character(
     repository: str | Path, name: str, model_folder: str | Path, prompt: str, negative_prompt: str = "", *,
     default: bool = False, replace: bool = False,
 ) -> Path:
-    """Register ``name``: a full fine-tune (a diffusers SD 1.x folder on the base's architecture) with ``prompt``.
+    """Register ``name``: a full fine-tune (a diffusers SD 1.x folder on the base's architecture) with
+    ``prompt``.
 
-    Its UNet is exported as the character's own graph; its text encoder too if its weights differ from the base's
-    (the prompt embeddings always come from its own text encoder). Its tokenizer and VAE must be the base's: the
-    server has one VAE and one tokenizer per repository.
+    Its UNet is exported as the character's own graph; its text encoder too if its weights differ from the
+    base's (the prompt embeddings always come from its own text encoder). Its tokenizer and VAE must be the
+    base's: the server has one VAE and one tokenizer per repository.
     """
     from isekai.export import sd  # noqa: PLC0415  (torch and diffusers, only for full fine-tunes)
 
@@ -183,16 +189,18 @@ def add_full_character(
     for part, why in (("tokenizer", "prompts are tokenized by the base's tokenizer"),
                       ("vae", "the server decodes every character with the base's VAE")):
         if parts[part] != base.config.fingerprints.get(part):
-            raise ValueError(f"{folder}: its {part} differs from the exported base model's ({why}): copy the base "
-                             f"model's {part}/ folder into it, or export it as the base with `isekai export sd`")
+            raise ValueError(f"{folder}: its {part} differs from the exported base model's ({why}): copy the "
+                             f"base model's {part}/ folder into it, or export it as the base with "
+                             "`isekai export sd`")
     own = [m for m, part in ((C.UNET_MODEL, "unet"), (C.TEXT_ENCODER_MODEL, "text_encoder"))
            if parts[part] != base.config.fingerprints.get(part)]
     if not own:
-        raise ValueError(f"{folder} has the base model's own UNet and text encoder: register it with --prompt only")
+        raise ValueError(f"{folder} has the base model's own UNet and text encoder: register it with "
+                         "--prompt only")
     models = sd.load_sd(folder, text_only=C.UNET_MODEL not in own)
     if models.unet is not None and sd.architecture(models.unet.config) != dict(base.config.unet_config):
-        raise ValueError(f"{folder}: its UNet's architecture differs from the exported base model's (another SD "
-                         "version?); a full fine-tune must keep the base's layers")
+        raise ValueError(f"{folder}: its UNet's architecture differs from the exported base model's (another "
+                         "SD version?); a full fine-tune must keep the base's layers")
     # An LCM repository: the fine-tune's own UNet gets the LCM-LoRA fused too, as the base's did.
     if models.unet is not None and base.config.fused_lora:
         from isekai.export import fused_lora  # noqa: PLC0415
@@ -218,8 +226,8 @@ def remove_character(repository: str | Path, name: str) -> None:
     repository = Path(repository)
     config = chars.PipelineConfig.load(repository)
     if config.default_character == name:
-        raise ValueError(f"{name!r} is the default character of {repository}: make another one the default first "
-                         "(isekai character default OTHER)")
+        raise ValueError(f"{name!r} is the default character of {repository}: make another one the default "
+                         "first (isekai character default OTHER)")
     chars.remove_character_folder(repository, name)
     progress(f"character {name!r} removed from {repository}")
 
@@ -241,14 +249,15 @@ def report_stale(repository: str | Path) -> list[str]:
     return [info.name for info in stale]
 
 
-# --- command line -----------------------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def repo(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--repository", type=Path, required=True, help="the Triton model repository (isekai export sd)")
+        p.add_argument("--repository", type=Path, required=True,
+                       help="the Triton model repository (isekai export sd)")
 
     add = sub.add_parser("add", help="register a character (prompt, LoRA or full fine-tune)")
     add.add_argument("name", help=f"the character's name ({C.CHARACTER_NAME_PATTERN})")
@@ -275,7 +284,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     train = sub.add_parser("train", help="train a DreamBooth LoRA from 8-10 photos, then register it")
     train.add_argument("name", help=f"the character's name ({C.CHARACTER_NAME_PATTERN})")
-    train.add_argument("--negative-prompt", default="", help="the character's negative prompt (default: none)")
+    train.add_argument("--negative-prompt", default="",
+                       help="the character's negative prompt (default: none)")
     train.add_argument("--default", action="store_true", help="make it the repository's default character")
     train.add_argument("--replace", action="store_true", help="replace a character of the same name")
     repo(train)
@@ -301,7 +311,8 @@ def main(args: argparse.Namespace) -> int:
         if args.action == "add":
             kwargs = dict(default=args.default, replace=args.replace)
             if args.lora is not None:
-                add_lora_character(args.repository, args.name, args.lora, args.prompt, args.negative_prompt, **kwargs)
+                add_lora_character(args.repository, args.name, args.lora, args.prompt, args.negative_prompt,
+                                   **kwargs)
             elif args.model is not None:
                 add_full_character(args.repository, args.name, args.model, args.prompt, args.negative_prompt,
                                    **kwargs)
@@ -336,8 +347,9 @@ def _train(args: argparse.Namespace) -> int:
     # The folder's own weights (an LCM repository also fused its LCM-LoRA into the exported UNet: a LoRA
     # trained on the plain base is what it stacks with).
     if any(parts[p] != base.config.fingerprints.get(p) for p in ("tokenizer", "text_encoder", "unet")):
-        raise ValueError(f"{args.base} is not the base model exported in {repository}: a LoRA trained on it would "
-                         "be drawn by another UNet (give --base the folder the repository was exported from)")
+        raise ValueError(f"{args.base} is not the base model exported in {repository}: a LoRA trained on it "
+                         "would be drawn by another UNet (give --base the folder the repository was exported "
+                         "from)")
     lora = train_lora.train_dreambooth_lora(args.base, args.images, args.prompt, args.output,
                                             train_lora.options_from_args(args), resume=args.resume)
     add_lora_character(repository, args.name, lora, args.prompt, args.negative_prompt, default=args.default,

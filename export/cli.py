@@ -10,8 +10,10 @@ EXPORTERS = {
     "sam": ("isekai.export.sam", "SAM .pth (vit_h/l/b, MobileSAM vit_t) -> sam_encoder + sam_decoder"),
     "lama": ("isekai.export.lama", "big-lama best.ckpt + config.yaml -> lama"),
     "esrgan": ("isekai.export.esrgan", "Real-ESRGAN .pth/.safetensors (RRDBNet x4/x2/x1) -> upscale"),
-    "sd": ("isekai.export.sd", "diffusers SD 1.x folder -> text_encoder, unet, vae_encoder, vae_decoder (+ character)"),
-    "demo": ("isekai.export.demo", "make small random-weight checkpoints in the real formats and export them"),
+    "sd": ("isekai.export.sd",
+           "diffusers SD 1.x folder -> text_encoder, unet, vae_encoder, vae_decoder (+ character)"),
+    "demo": ("isekai.export.demo",
+             "make small random-weight checkpoints in the real formats and export them"),
     "tensorrt": ("isekai.export.tensorrt", "build TensorRT fp16 plans from the exported ONNX (GPU only)"),
 }
 

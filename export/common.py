@@ -187,8 +187,8 @@ def check_parity(
     """Run the ONNX file and the module on the same inputs; raise if any output differs past the tolerance.
 
     The tolerance is stated by each exporter (float32 graphs that reorder reductions differ by ~1e-5
-    relative; deep networks accumulate more). ``extra_feeds`` go to onnxruntime only (e.g. LoRA slot factors the
-    module already holds).
+    relative; deep networks accumulate more). ``extra_feeds`` go to onnxruntime only (e.g. LoRA slot factors
+    the module already holds).
     """
     session = ort_session(path)
     feeds = {name: t.detach().cpu().numpy() for name, t in inputs.items()} | dict(extra_feeds or {})
@@ -211,7 +211,9 @@ def check_parity(
         if not np.all(diff <= atol + rtol * np.abs(w)):
             failures.append(f"{name}: max abs diff {max_abs[name]:.3e} > atol {atol:g} + rtol {rtol:g}")
     if failures:
-        raise AssertionError(f"{spec.model} ({path}): onnxruntime differs from PyTorch: " + "; ".join(failures))
+        raise AssertionError(
+            f"{spec.model} ({path}): onnxruntime differs from PyTorch: " + "; ".join(failures)
+        )
     report = ParityReport(spec.model, max_abs, max_ref)
     progress(str(report))
     return report

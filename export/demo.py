@@ -1,9 +1,9 @@
 """Small checkpoints in the real on-disk formats, exported into a model repository (tests and the demo).
 
-``isekai export demo --repository DIR`` makes random-weight checkpoints exactly as users bring them — a SAM ``.pth``
-from segment-anything's builder, a big-lama style ``best.ckpt`` + ``config.yaml``, a diffusers SD 1.x folder, a
-Real-ESRGAN ``.pth`` (``{"params_ema": ...}`` of a tiny x4 RRDBNet) — and runs the same exporters on them.
-Re-running skips checkpoints and graphs that already exist.
+``isekai export demo --repository DIR`` makes random-weight checkpoints exactly as users bring them — a SAM
+``.pth`` from segment-anything's builder, a big-lama style ``best.ckpt`` + ``config.yaml``, a diffusers SD 1.x
+folder, a Real-ESRGAN ``.pth`` (``{"params_ema": ...}`` of a tiny x4 RRDBNet) — and runs the same exporters on
+them. Re-running skips checkpoints and graphs that already exist.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ DEMO_CHARACTER_PROMPT = "anime girl, cel shading, clean line art, vivid colors"
 # A second character, drawn by the same base UNet through a LoRA adapter (a random kohya-layout LoRA).
 DEMO_LORA_CHARACTER = "lora-demo"
 DEMO_LORA_PROMPT = "a photo of sks girl, anime style"
-# The upscale graph: a tiny x4 RRDBNet (every part of RealESRGAN_x4plus, fewer and narrower), in the official format.
+# The upscale graph: a tiny x4 RRDBNet (every part of RealESRGAN_x4plus, fewer and narrower), in the official
+# format.
 DEMO_ESRGAN_VARIANT = "tiny"
 DEMO_ESRGAN_CHECKPOINT = "RealESRGAN_tiny.pth"
 # The LCM twin of the demo repository (tests, bench --quick): the demo's SD folder with a random LoRA shaped
@@ -38,7 +39,8 @@ def copy_configs(destination: Path, source: Path = SOURCE_REPOSITORY) -> None:
     """Copy the repository's configs and model.py files (not exported artifacts) into ``destination``."""
     if not source.is_dir():
         raise FileNotFoundError(f"model repository sources not found at {source}")
-    ignore = shutil.ignore_patterns("*.onnx", "*.onnx.data", "*.plan", "__pycache__", "characters", "tokenizer")
+    ignore = shutil.ignore_patterns("*.onnx", "*.onnx.data", "*.plan", "__pycache__", "characters",
+                                    "tokenizer")
     shutil.copytree(source, destination, ignore=ignore, dirs_exist_ok=True)
 
 
@@ -47,7 +49,8 @@ def _missing(repository: Path, *models: str) -> bool:
 
 
 def _current(repository: Path) -> bool:
-    """The repository's SD data was written by this version (an older one lacks LoRA slots and fingerprints)."""
+    """The repository's SD data was written by this version (an older one lacks LoRA slots and
+    fingerprints)."""
     try:
         PipelineConfig.load(repository)
     except (FileNotFoundError, ValueError):
@@ -68,7 +71,8 @@ def _add_demo_lora(repository: Path, path: Path) -> None:
 
 
 def build_demo_repository(repository: Path, checkpoints: Path, *, force: bool = False) -> Path:
-    """Make the small checkpoints under ``checkpoints`` and export them into ``repository`` (configs included)."""
+    """Make the small checkpoints under ``checkpoints`` and export them into ``repository`` (configs
+    included)."""
     from isekai.export.esrgan import export_esrgan  # noqa: PLC0415 - torch-heavy, only when asked
     from isekai.export.lama import export_lama  # noqa: PLC0415
     from isekai.export.make_esrgan import make_esrgan_checkpoint  # noqa: PLC0415
@@ -177,12 +181,14 @@ def build_lcm_repository(repository: Path, base: Path, checkpoints: Path, *, sam
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repository", type=Path, required=True, help="model repository to create or complete")
+    parser.add_argument("--repository", type=Path, required=True,
+                        help="model repository to create or complete")
     parser.add_argument(
         "--checkpoints", type=Path, default=None,
         help="where the small checkpoints go (default: <repository>/../checkpoints)",
     )
-    parser.add_argument("--force", action="store_true", help="remake checkpoints and re-export even if present")
+    parser.add_argument("--force", action="store_true",
+                        help="remake checkpoints and re-export even if present")
 
 
 def main(args: argparse.Namespace) -> int:

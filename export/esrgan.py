@@ -203,7 +203,7 @@ def _read_pickle(path: Path) -> Mapping:
     """
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=RESTRICTED_PICKLE)
-    except Exception as err:  # noqa: BLE001 - zip, pickle, torch and OS errors all mean "unreadable"
+    except Exception as err:  # zip, pickle, torch and OS errors all mean "unreadable"
         raise ValueError(
             f"Real-ESRGAN checkpoint {path}: not a readable PyTorch checkpoint, truncated or corrupt? "
             f"({type(err).__name__}: {err})"

@@ -1,23 +1,26 @@
-"""Read a LoRA in any of the layouts people bring, into one form: per layer, its down and up factors and scale.
+"""Read a LoRA in any of the layouts people bring, into one form: per layer, its down and up factors and
+scale.
 
 Layouts (what the trainers of this field write):
 
-- **diffusers** (``train_dreambooth_lora.py`` -> ``pytorch_lora_weights.safetensors``): ``unet.<path>.lora.down.weight``
-  / ``.lora.up.weight`` (or PEFT's ``.lora_A.weight`` / ``.lora_B.weight`` under the same prefix), text encoder
-  ``text_encoder.<path>.lora_linear_layer.down.weight`` / ``.up.weight`` (``<path>`` under ``text_model.`` when
-  made with transformers 4); the older attention-processor form ``<block>.processor.to_q_lora.down.weight``. The
-  scale is ``lora_alpha / r`` from the ``lora_adapter_metadata`` in the file's header, ``<path>.alpha`` keys
-  (``network_alphas``), else 1, exactly as diffusers' ``load_lora_weights`` reads it;
+- **diffusers** (``train_dreambooth_lora.py`` -> ``pytorch_lora_weights.safetensors``):
+  ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (or PEFT's ``.lora_A.weight`` / ``.lora_B.weight``
+  under the same prefix), text encoder ``text_encoder.<path>.lora_linear_layer.down.weight`` / ``.up.weight``
+  (``<path>`` under ``text_model.`` when made with transformers 4); the older attention-processor form
+  ``<block>.processor.to_q_lora.down.weight``. The scale is ``lora_alpha / r`` from the
+  ``lora_adapter_metadata`` in the file's header, ``<path>.alpha`` keys (``network_alphas``), else 1, exactly
+  as diffusers' ``load_lora_weights`` reads it;
 - **PEFT** folders: ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
-  ``alpha_pattern``) + ``adapter_model.safetensors`` with ``base_model.model.<path>.lora_A.weight`` / ``lora_B``;
-- **kohya** (sd-scripts, LCM-LoRA): ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-  text encoder ``lora_te_<path>``; the scale is ``alpha / rank`` (alpha defaults to the rank).
+  ``alpha_pattern``) + ``adapter_model.safetensors`` with ``base_model.model.<path>.lora_A.weight`` /
+  ``lora_B``;
+- **kohya** (sd-scripts, LCM-LoRA): ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha``, text encoder ``lora_te_<path>``; the scale is ``alpha / rank`` (alpha defaults to the rank).
 
 Factors keep their layer's layout: a Linear layer's down is [r, in] and up [out, r]; a Conv2d layer's down is
-[r, in, kh, kw] and up [out, r, 1, 1]. Only safetensors files are read: a pickle (``.bin``, ``.pt``, ``.ckpt``)
-can run code when loaded, so it is refused with a message saying so. Anything else that does not fit — a truncated
-file, an unknown key, a LoRA for another architecture (SDXL, SD 2.x), a layer with only one factor — raises
-``ValueError`` naming the file and the key. Nothing is written anywhere.
+[r, in, kh, kw] and up [out, r, 1, 1]. Only safetensors files are read: a pickle (``.bin``, ``.pt``,
+``.ckpt``) can run code when loaded, so it is refused with a message saying so. Anything else that does not
+fit — a truncated file, an unknown key, a LoRA for another architecture (SDXL, SD 2.x), a layer with only one
+factor — raises ``ValueError`` naming the file and the key. Nothing is written anywhere.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # LyCORIS and DoRA variants: not a plain low-rank product, so they have no place in a LoRA slot.
 _UNSUPPORTED = {
     ".hada_w1_a": "LoHa (LyCORIS)", ".lokr_w1": "LoKr (LyCORIS)", ".lokr_w1_a": "LoKr (LyCORIS)",
-    ".lora_mid.weight": "LoCon with a Tucker core (LyCORIS)", ".dora_scale": "DoRA", ".lora_magnitude_vector": "DoRA",
-    ".diff": "a full weight difference (LyCORIS 'full')", ".oft_blocks": "OFT", ".w_norm": "GLoRA",
+    ".lora_mid.weight": "LoCon with a Tucker core (LyCORIS)", ".dora_scale": "DoRA",
+    ".lora_magnitude_vector": "DoRA", ".diff": "a full weight difference (LyCORIS 'full')",
+    ".oft_blocks": "OFT", ".w_norm": "GLoRA",
 }
 
 
@@ -51,7 +55,8 @@ _UNSUPPORTED = {
 class LoraLayer:
     """One layer's LoRA: ``delta W = scale * up @ down`` (for a conv, ``up`` is a 1x1 conv after ``down``).
 
-    ``down``: float32 [r, in] (Linear) or [r, in, kh, kw] (Conv2d); ``up``: float32 [out, r] or [out, r, 1, 1].
+    ``down``: float32 [r, in] (Linear) or [r, in, kh, kw] (Conv2d); ``up``: float32 [out, r] or
+    [out, r, 1, 1].
     """
 
     down: np.ndarray
@@ -73,7 +78,9 @@ class Lora:
     text_encoder: Mapping[str, LoraLayer]
 
     def nbytes(self) -> int:
-        return sum(x.down.nbytes + x.up.nbytes for part in (self.unet, self.text_encoder) for x in part.values())
+        return sum(
+            x.down.nbytes + x.up.nbytes for part in (self.unet, self.text_encoder) for x in part.values()
+        )
 
 
 class _Factors:
@@ -96,12 +103,14 @@ class _Factors:
             keys = entry["keys"]
             for need in ("down", "up"):
                 if need not in entry:
-                    raise ValueError(f"{self.source}: {model} layer {path!r} has no {need} factor (its keys: {keys})")
+                    raise ValueError(f"{self.source}: {model} layer {path!r} has no {need} factor (its keys: "
+                                     f"{keys})")
             down, up = np.asarray(entry["down"]), np.asarray(entry["up"])
             if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
                 raise ValueError(
-                    f"{self.source}: {model} layer {path!r}: down {list(down.shape)} and up {list(up.shape)} are not "
-                    f"the factors of one LoRA (down [r, in(, kh, kw)], up [out, r(, 1, 1)]); keys {keys}"
+                    f"{self.source}: {model} layer {path!r}: down {list(down.shape)} and up {list(up.shape)} "
+                    "are not the factors of one LoRA (down [r, in(, kh, kw)], up [out, r(, 1, 1)]); keys "
+                    f"{keys}"
                 )
             rank = int(down.shape[0])
             alpha = entry.get("alpha")
@@ -109,20 +118,22 @@ class _Factors:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reading files
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _refuse_pickle(path: Path) -> None:
     with path.open("rb") as f:
         head = f.read(9)
-    # safetensors: an 8-byte header length, then the JSON header; torch.save: a zip, or a bare pickle (0x80 proto).
+    # safetensors: an 8-byte header length, then the JSON header; torch.save: a zip, or a bare pickle (0x80
+    # proto).
     safetensors_like = head[8:9] == b"{"
     pickled = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
     if path.suffix.lower() in _PICKLE_SUFFIXES or (pickled and not safetensors_like):
         raise ValueError(
-            f"{path} is a PyTorch pickle: loading one can run code, so isekai reads LoRA weights from .safetensors "
-            f"only. Convert it where you trust the file, e.g. python -c \"import torch, safetensors.torch as s; "
-            f"s.save_file(torch.load('{path.name}', weights_only=True), 'lora.safetensors')\""
+            f"{path} is a PyTorch pickle: loading one can run code, so isekai reads LoRA weights from "
+            ".safetensors only. Convert it where you trust the file, e.g. python -c \"import torch, "
+            f"safetensors.torch as s; s.save_file(torch.load('{path.name}', weights_only=True), "
+            "'lora.safetensors')\""
         )
 
 
@@ -135,20 +146,26 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key).to(torch.float32).numpy() for key in f.keys()}
+            tensors = {
+                key: f.get_tensor(key).to(torch.float32).numpy()
+                for key in f.keys()  # noqa: SIM118 - safe_open is not iterable: keys() is how it lists them
+            }
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {err}") from None
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or damaged?): {err}"
+        ) from None
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
     return tensors, metadata
 
 
 def read_lora(path: str | Path, layers: Mapping[str, Collection[str]]) -> Lora:
-    """Read the LoRA at ``path`` (a file, a PEFT folder, or a folder holding ``pytorch_lora_weights.safetensors``).
+    """Read the LoRA at ``path`` (a file, a PEFT folder, or a folder holding
+    ``pytorch_lora_weights.safetensors``).
 
     ``layers`` lists the module paths of the base model's adaptable layers, ``{"unet": [...],
-    "text_encoder": [...]}``: kohya's underscored names are resolved against them, and a key naming a layer the base
-    does not have is refused here (shape checks against the base come when the adapter is built).
+    "text_encoder": [...]}``: kohya's underscored names are resolved against them, and a key naming a layer
+    the base does not have is refused here (shape checks against the base come when the adapter is built).
     """
     path = Path(path)
     if not path.exists():
@@ -160,7 +177,8 @@ def read_lora(path: str | Path, layers: Mapping[str, Collection[str]]) -> Lora:
             path = path / DIFFUSERS_WEIGHTS
         else:
             raise ValueError(
-                f"{path} is a folder without {PEFT_CONFIG} (a PEFT adapter) or {DIFFUSERS_WEIGHTS} (diffusers)"
+                f"{path} is a folder without {PEFT_CONFIG} (a PEFT adapter) or {DIFFUSERS_WEIGHTS} "
+                "(diffusers)"
             )
     tensors, metadata = read_safetensors(path)
     if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
@@ -168,13 +186,14 @@ def read_lora(path: str | Path, layers: Mapping[str, Collection[str]]) -> Lora:
     return _read_diffusers(path, tensors, metadata, layers)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Layouts
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _check_supported(source: Path, key: str) -> None:
     for marker, what in _UNSUPPORTED.items():
         if key.endswith(marker) or f"{marker}." in key:
-            raise ValueError(f"{source}: key {key!r} is {what}, not a plain LoRA; isekai serves LoRA (down/up) only")
+            raise ValueError(f"{source}: key {key!r} is {what}, not a plain LoRA; isekai serves LoRA "
+                             "(down/up) only")
 
 
 def canonical_text_path(path: str) -> str:
@@ -189,8 +208,8 @@ def _known(source: Path, model: str, path: str, key: str, layers: Mapping[str, C
             hint = " (original-SD 'input_blocks' naming: convert it to diffusers names first)"
         elif model == UNET and ("add_embedding" in path or "transformer_blocks.2" in path):
             hint = " (an SDXL LoRA? isekai serves SD 1.x bases)"
-        raise ValueError(f"{source}: key {key!r} targets {model} layer {path!r}, which the base model does not have"
-                         f"{hint}")
+        raise ValueError(f"{source}: key {key!r} targets {model} layer {path!r}, which the base model does "
+                         f"not have{hint}")
     return path
 
 
@@ -203,7 +222,8 @@ _PROCESSOR = re.compile(r"^(?P<block>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_
 
 
 def _read_diffusers(
-    source: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], layers: Mapping[str, Collection[str]]
+    source: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
+    layers: Mapping[str, Collection[str]]
 ) -> Lora:
     config = json.loads(metadata[METADATA_KEY]) if metadata.get(METADATA_KEY) else {}
     factors = _Factors(source)
@@ -212,17 +232,21 @@ def _read_diffusers(
         _check_supported(source, key)
         match = _DIFFUSERS_FACTOR.match(key)
         if match is None:
-            raise ValueError(f"{source}: unknown key {key!r} (not a LoRA factor in diffusers, PEFT or kohya layout)")
+            raise ValueError(f"{source}: unknown key {key!r} (not a LoRA factor in diffusers, PEFT or kohya "
+                             "layout)")
         model = match["model"] or UNET
         if model in ("text_encoder_2", "transformer"):
-            raise ValueError(f"{source}: key {key!r} belongs to {model} (an SDXL / DiT LoRA); isekai serves SD 1.x")
+            raise ValueError(f"{source}: key {key!r} belongs to {model} (an SDXL / DiT LoRA); isekai serves "
+                             "SD 1.x")
         path = match["path"]
         processor = _PROCESSOR.match(path)
         if processor is None and match["what"] in ("down.weight", "up.weight"):
-            raise ValueError(f"{source}: unknown key {key!r} (not a LoRA factor in diffusers, PEFT or kohya layout)")
+            raise ValueError(f"{source}: unknown key {key!r} (not a LoRA factor in diffusers, PEFT or kohya "
+                             "layout)")
         if processor is not None:  # diffusers' attention-processor LoRA (before the PEFT backend)
             layout = "diffusers attention processors"
-            path = f"{processor['block']}.{processor['proj']}" + (".0" if processor["proj"] == "to_out" else "")
+            path = (f"{processor['block']}.{processor['proj']}"
+                    + (".0" if processor["proj"] == "to_out" else ""))
         if model == TEXT_ENCODER:
             path = canonical_text_path(path)
         path = _known(source, model, path, key, layers)
@@ -235,15 +259,19 @@ def _read_diffusers(
     def scale(model: str, path: str, rank: int, alpha: float | None) -> float:
         if alpha is not None:  # network_alphas, as diffusers reads kohya-converted files
             return alpha / rank
-        return _peft_scale({k.removeprefix(model + "."): v for k, v in config.items() if k.startswith(model + ".")},
-                           path, rank)
+        return _peft_scale(
+            {k.removeprefix(model + "."): v for k, v in config.items() if k.startswith(model + ".")},
+            path,
+            rank,
+        )
 
     found = factors.layers(scale)
     return Lora(source, layout, found[UNET], found[TEXT_ENCODER])
 
 
 def _pattern_value(patterns: Mapping[str, object], path: str) -> object | None:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path it ends (or fully regex-matches)."""
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path it ends (or fully
+    regex-matches)."""
     for pattern, value in patterns.items():
         if path == pattern or path.endswith("." + pattern) or re.fullmatch(rf"(.*\.)?{pattern}", path):
             return value
@@ -280,9 +308,12 @@ def _read_peft(folder: Path, layers: Mapping[str, Collection[str]]) -> Lora:
     model = None
     for key, value in tensors.items():
         _check_supported(weights, key)
-        match = re.match(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<what>lora_A|lora_B)(?:\.default)?\.weight$", key)
+        match = re.match(
+            r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<what>lora_A|lora_B)(?:\.default)?\.weight$", key
+        )
         if match is None:
-            raise ValueError(f"{weights}: unknown key {key!r} (PEFT keys end in .lora_A.weight / .lora_B.weight)")
+            raise ValueError(f"{weights}: unknown key {key!r} (PEFT keys end in .lora_A.weight / "
+                             ".lora_B.weight)")
         path = match["path"]
         # One PEFT folder adapts one model: the UNet or the text encoder, told apart by the layers it names.
         owner = UNET if path in layers.get(UNET, ()) else TEXT_ENCODER
@@ -296,17 +327,21 @@ def _read_peft(folder: Path, layers: Mapping[str, Collection[str]]) -> Lora:
     def scale(model: str, path: str, rank: int, alpha: float | None) -> float:
         want = _pattern_value(config.get("rank_pattern") or {}, path) or config.get("r")
         if want is not None and int(want) != rank:  # type: ignore[call-overload]
-            raise ValueError(f"{weights}: {model} layer {path!r} has rank {rank} but {PEFT_CONFIG} says {want}")
+            raise ValueError(f"{weights}: {model} layer {path!r} has rank {rank} but {PEFT_CONFIG} says "
+                             f"{want}")
         return _peft_scale(config, path, rank)
 
     found = factors.layers(scale)
     return Lora(folder, "peft", found[UNET], found[TEXT_ENCODER])
 
 
-_KOHYA = re.compile(r"^lora_(?P<model>unet|te|te1|te2)_(?P<name>.+?)\.(?P<what>lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA = re.compile(
+    r"^lora_(?P<model>unet|te|te1|te2)_(?P<name>.+?)\.(?P<what>lora_down\.weight|lora_up\.weight|alpha)$"
+)
 
 
-def _read_kohya(source: Path, tensors: Mapping[str, np.ndarray], layers: Mapping[str, Collection[str]]) -> Lora:
+def _read_kohya(source: Path, tensors: Mapping[str, np.ndarray],
+                layers: Mapping[str, Collection[str]]) -> Lora:
     by_name = {
         UNET: {p.replace(".", "_"): p for p in layers.get(UNET, ())},
         TEXT_ENCODER: {p.replace(".", "_"): p for p in layers.get(TEXT_ENCODER, ())},
@@ -316,10 +351,11 @@ def _read_kohya(source: Path, tensors: Mapping[str, np.ndarray], layers: Mapping
         _check_supported(source, key)
         match = _KOHYA.match(key)
         if match is None:
-            raise ValueError(f"{source}: unknown key {key!r} (kohya keys are lora_unet_/lora_te_<layer>.lora_down"
-                             ".weight, .lora_up.weight, .alpha)")
+            raise ValueError(f"{source}: unknown key {key!r} (kohya keys are "
+                             "lora_unet_/lora_te_<layer>.lora_down.weight, .lora_up.weight, .alpha)")
         if match["model"] in ("te1", "te2"):
-            raise ValueError(f"{source}: key {key!r} names SDXL's second text encoder; isekai serves SD 1.x bases")
+            raise ValueError(f"{source}: key {key!r} names SDXL's second text encoder; isekai serves SD 1.x "
+                             "bases")
         model = UNET if match["model"] == "unet" else TEXT_ENCODER
         name = match["name"].removeprefix("text_model_") if model == TEXT_ENCODER else match["name"]
         path = by_name[model].get(name)

@@ -13,17 +13,17 @@ without an adapter, the graph is the plain base model; an adapter (an ``.onnx_ad
 :mod:`isekai.export.adapters`) sets them for one run (``RunOptions.add_active_adapter``), the LoRA scale
 (alpha / rank) folded into B. The rank is a symbolic dimension of each slot, so adapters of any rank fit.
 
-Slot names are the layer's module path in the diffusers / transformers model plus ``.lora_A`` / ``.lora_B``, e.g.
-``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A`` or
-``encoder.layers.3.self_attn.q_proj.lora_B``; :func:`read_slots` lists a graph's slots with their shapes, which is
-all the adapter writer needs to check a LoRA file against the exported base.
+Slot names are the layer's module path in the diffusers / transformers model plus ``.lora_A`` / ``.lora_B``,
+e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A`` or
+``encoder.layers.3.self_attn.q_proj.lora_B``; :func:`read_slots` lists a graph's slots with their shapes,
+which is all the adapter writer needs to check a LoRA file against the exported base.
 
 Which layers get slots (``--lora-targets``, :data:`isekai.constants.LORA_TARGET_FAMILIES`):
 
 - ``attention``: the attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (diffusers'
   ``train_dreambooth_lora.py``);
-- ``transformer``: every layer of the transformer blocks, adding ``proj_in``, ``proj_out`` and the feed-forward
-  layers (kohya's LoRA);
+- ``transformer``: every layer of the transformer blocks, adding ``proj_in``, ``proj_out`` and the
+  feed-forward layers (kohya's LoRA);
 - ``all``: every ``Linear`` and ``Conv2d`` (kohya's LoCon, the LCM-LoRA).
 
 The text encoder always gets slots on every ``Linear`` of its layers (attention and MLP): they are cheap.
@@ -44,8 +44,8 @@ from isekai import constants as C
 
 SLOT_A = ".lora_A"
 SLOT_B = ".lora_B"
-# The rank the slots are traced with: any rank above 1 works (the rank is made symbolic afterwards); the traced
-# factors never reach the exported file.
+# The rank the slots are traced with: any rank above 1 works (the rank is made symbolic afterwards); the
+# traced factors never reach the exported file.
 TRACE_RANK = 2
 # Graph metadata keys (ModelProto.metadata_props) written by open_slots.
 LAYERS_KEY = "isekai.lora_layers"
@@ -116,7 +116,8 @@ class LinearSlot(torch.nn.Module):
         self.register_buffer("lora_B", torch.zeros(self.shape.b_shape(rank)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_A.numel() == 0:  # rank 0: the plain layer (fixed when tracing, which uses a positive rank)
+        # rank 0: the plain layer (fixed when tracing, which uses a positive rank)
+        if self.lora_A.numel() == 0:
             return self.base(x)
         return self.base(x) + torch.matmul(torch.matmul(x, self.lora_A), self.lora_B)
 
@@ -191,9 +192,9 @@ def open_slots(
     attribute, e.g. ``"unet."``). Each becomes an initializer ``<path>.lora_A`` holding an empty default and a
     graph input of the same name whose rank axis is symbolic (``rename`` maps the module path to the slot's
     name). Every adaptable layer of the model (``layers``) and the target family are recorded in the graph's
-    metadata (:data:`LAYERS_KEY`, :data:`TARGETS_KEY`), so a LoRA for a layer without a slot is told apart from
-    one for another model. Rewrites ``onnx_path`` in place (external data, if any, is left where it is); returns
-    the number of slots.
+    metadata (:data:`LAYERS_KEY`, :data:`TARGETS_KEY`), so a LoRA for a layer without a slot is told apart
+    from one for another model. Rewrites ``onnx_path`` in place (external data, if any, is left where it is);
+    returns the number of slots.
     """
     rename = rename or (lambda p: p)
     import onnx  # noqa: PLC0415
@@ -243,7 +244,8 @@ def graph_layers(onnx_path: str | Path) -> tuple[list[str], str]:
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     if LAYERS_KEY not in meta:
-        raise ValueError(f"{onnx_path} has no LoRA slots: export the base model again with this version of isekai")
+        raise ValueError(f"{onnx_path} has no LoRA slots: export the base model again with this version of "
+                         "isekai")
     return json.loads(meta[LAYERS_KEY]), meta.get(TARGETS_KEY, "")
 
 
@@ -271,9 +273,9 @@ def read_slots(onnx_path: str | Path) -> dict[str, SlotShape]:
     return slots
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Fusing an adapter into the graph (TensorRT plans, a fused base): W + scale * up @ down, slots removed.
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _slot_nodes(graph, path: str) -> tuple[Any, Any, Any, Any, str]:
     """(down node, up node, the Add joining the base layer, the base layer's node, the base output name)."""
     consumers: dict[str, list[Any]] = {}
@@ -308,11 +310,12 @@ def _delta(node, weight: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
 
 
 def fuse_adapter(model, params: Mapping[str, np.ndarray] | None, base_dir: str | Path | None = None):
-    """``model`` (an onnx.ModelProto with slots, its weights loaded) with ``params`` fused into the base weights
-    and every slot removed: the plain graph a TensorRT plan is built from. ``params`` None only removes the slots
-    (the base). Each slot's branch ``Add(base, up(down(x)))`` becomes ``base``; the base layer's weight gets
-    ``A @ B`` in its own layout (MatMul [in, out], Gemm with transB [out, in], Conv [out, in, kh, kw]).
-    ``base_dir`` is where the model's external data lies, if its weights are not loaded yet.
+    """``model`` (an onnx.ModelProto with slots, its weights loaded) with ``params`` fused into the base
+    weights and every slot removed: the plain graph a TensorRT plan is built from. ``params`` None only
+    removes the slots (the base). Each slot's branch ``Add(base, up(down(x)))`` becomes ``base``; the base
+    layer's weight gets ``A @ B`` in its own layout (MatMul [in, out], Gemm with transB [out, in],
+    Conv [out, in, kh, kw]). ``base_dir`` is where the model's external data lies, if its weights are not
+    loaded yet.
     """
     from onnx import numpy_helper  # noqa: PLC0415
 
@@ -334,7 +337,8 @@ def fuse_adapter(model, params: Mapping[str, np.ndarray] | None, base_dir: str |
             if uses.get(name) != 1 or name not in inits:
                 raise ValueError(f"slot {path}: its base weight {name!r} is not an initializer of its own")
             weight = numpy_helper.to_array(inits[name], base_dir=str(base_dir or ""))
-            fused = weight + _delta(node, weight, params[path + SLOT_A], params[path + SLOT_B]).astype(weight.dtype)
+            fused = weight + _delta(node, weight, params[path + SLOT_A],
+                                    params[path + SLOT_B]).astype(weight.dtype)
             inits[name].CopyFrom(numpy_helper.from_array(fused, name))
         drop_nodes += [down, up, add]
         renames[add.output[0]] = base_out

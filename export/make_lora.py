@@ -1,10 +1,12 @@
-"""Write random LoRA files in the layouts people bring, for a base model's layers (tests, the demo, benchmarks).
+"""Write random LoRA files in the layouts people bring, for a base model's layers (tests, the demo,
+benchmarks).
 
 The same layouts :mod:`isekai.export.lora_formats` reads, made from the layer shapes of an exported base (its
 LoRA slots, :class:`isekai.export.characters.Base`): ``diffusers`` (``pytorch_lora_weights.safetensors`` as
 ``train_dreambooth_lora.py`` saves it, with ``lora_adapter_metadata`` when alpha differs from the rank),
-``diffusers-processors`` (the older attention-processor keys), ``peft`` (a folder with ``adapter_config.json``)
-and ``kohya`` (``lora_unet_`` / ``lora_te_`` keys with ``.alpha``). Random weights, real formats.
+``diffusers-processors`` (the older attention-processor keys), ``peft`` (a folder with
+``adapter_config.json``) and ``kohya`` (``lora_unet_`` / ``lora_te_`` keys with ``.alpha``). Random weights,
+real formats.
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ def random_factors(
     shapes: Mapping[str, SlotShape], rank: int, seed: int, strength: float = 0.5
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer (down, up) in the layer's layout (Linear [r, in] / [out, r]; Conv2d [r, in, kh, kw] /
-    [out, r, 1, 1]), float32, sized so ``up @ down`` is about ``strength`` times a unit-variance layer's output."""
+    [out, r, 1, 1]), float32, sized so ``up @ down`` is about ``strength`` times a unit-variance layer's
+    output."""
     rng = np.random.default_rng(seed)
     out = {}
     for path, shape in sorted(shapes.items()):
         fan_in = shape.in_features * shape.kernel[0] * shape.kernel[1]
-        down = rng.standard_normal(shape.a_shape(rank)[::-1] if shape.kind == "linear" else shape.a_shape(rank))
+        down = rng.standard_normal(
+            shape.a_shape(rank)[::-1] if shape.kind == "linear" else shape.a_shape(rank)
+        )
         up = rng.standard_normal(shape.b_shape(rank)[::-1] if shape.kind == "linear" else shape.b_shape(rank))
-        out[path] = ((down / np.sqrt(fan_in)).astype(np.float32), (up * strength / np.sqrt(rank)).astype(np.float32))
+        out[path] = ((down / np.sqrt(fan_in)).astype(np.float32),
+                     (up * strength / np.sqrt(rank)).astype(np.float32))
     return out
 
 
@@ -45,7 +51,8 @@ def _save(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, 
     from safetensors.numpy import save_file  # noqa: PLC0415
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
+              metadata=dict(metadata or {}))
     return path
 
 
@@ -60,9 +67,9 @@ def write_lora(
 ) -> Path:
     """Write the factors as a LoRA in ``layout``; ``alpha`` None means alpha = rank (scale 1).
 
-    ``path`` is the ``.safetensors`` file (``diffusers``, ``kohya``) or the folder (``peft``; ``diffusers`` also
-    accepts a folder and writes ``pytorch_lora_weights.safetensors`` in it). ``text_model_prefix`` writes text
-    encoder paths under ``text_model.`` as transformers 4 named them.
+    ``path`` is the ``.safetensors`` file (``diffusers``, ``kohya``) or the folder (``peft``; ``diffusers``
+    also accepts a folder and writes ``pytorch_lora_weights.safetensors`` in it). ``text_model_prefix`` writes
+    text encoder paths under ``text_model.`` as transformers 4 named them.
     """
     path = Path(path)
     text_encoder = text_encoder or {}
@@ -76,7 +83,9 @@ def write_lora(
             if layout == "diffusers-processors":
                 if not p.endswith(ATTENTION):
                     raise ValueError(f"attention processors adapt {ATTENTION} only, not {p}")
-                block, proj = (p.removesuffix(".to_out.0"), "to_out") if p.endswith(".0") else p.rsplit(".", 1)
+                block, proj = (
+                    (p.removesuffix(".to_out.0"), "to_out") if p.endswith(".0") else p.rsplit(".", 1)
+                )
                 key = f"unet.{block}.processor.{proj}_lora"
             else:
                 key = f"unet.{p}.lora"
@@ -89,7 +98,8 @@ def write_lora(
             packed = {}
             for model, part in (("unet", unet), ("text_encoder", text_encoder)):
                 if part:
-                    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(part), "init_lora_weights": True}
+                    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(part),
+                              "init_lora_weights": True}
                     packed |= {f"{model}.{k}": v for k, v in config.items()}
             metadata["lora_adapter_metadata"] = json.dumps(packed)
         return _save(tensors, path, metadata)
@@ -105,7 +115,8 @@ def write_lora(
             raise ValueError("a PEFT folder adapts one model: write the UNet and the text encoder separately")
         part = unet or {p if not text_model_prefix else te(p): f for p, f in text_encoder.items()}
         for p, (down, up) in part.items():
-            tensors[f"base_model.model.{p}.lora_A.weight"], tensors[f"base_model.model.{p}.lora_B.weight"] = down, up
+            (tensors[f"base_model.model.{p}.lora_A.weight"],
+             tensors[f"base_model.model.{p}.lora_B.weight"]) = down, up
         path.mkdir(parents=True, exist_ok=True)
         targets = sorted({p.rsplit(".", 1)[-1] if not p.endswith(".0") else ".".join(p.split(".")[-2:])
                           for p in part})

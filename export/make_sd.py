@@ -50,7 +50,7 @@ lighting light hair eyes face smile dress shirt jacket school uniform kimono hat
 green black white pink silver golden blonde brown purple background scene city street sky night day
 lowres low bad anatomy hands fingers extra missing blurry blur worst normal jpeg artifacts signature
 watermark text error cropped ugly deformed disfigured duplicate mutated realistic photorealistic 3d
-""".split()
+""".split()  # noqa: SIM905 - a word list reads and edits better as text
 
 
 
@@ -95,7 +95,7 @@ def build_clip_bpe(words: list[str] | None = None) -> tuple[dict[str, int], list
     while True:
         pairs: collections.Counter[tuple[str, str]] = collections.Counter()
         for piece, n in pieces.items():
-            for pair in zip(piece, piece[1:]):
+            for pair in zip(piece, piece[1:], strict=False):
                 pairs[pair] += n
         if not pairs:
             break
@@ -243,8 +243,13 @@ def make_sd_folder(directory: str | Path, size: Size = "tiny", seed: int = 0) ->
 
     ``seed`` fixes the weights; the global torch RNG is left as it was.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import (  # noqa: PLC0415 - heavy: only this function needs it, not the tokenizer's helpers
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: PLC0415 - heavy, as above
 
     if size not in SIZES:
         raise ValueError(f"size should be one of {SIZES} but is {size!r}")

@@ -18,10 +18,10 @@ rank-0 default, so characters' LoRA adapters run on the one base graph. ``--lcm-
 into the UNet's base weights first (:mod:`isekai.export.fused_lora`) and makes the pipeline run diffusers'
 ``LCMScheduler`` (4 steps, guidance 1 by default).
 
-Each export ends with onnxruntime parity runs, on the traced shapes and on another batch and size (and, for the
-slotted graphs, with random adapters in every slot). Then a character is registered as the repository's default
-(:mod:`isekai.export.characters`), with the tokenizer copied beside it, so the server needs neither a tokenizer
-download nor a model hub.
+Each export ends with onnxruntime parity runs, on the traced shapes and on another batch and size (and, for
+the slotted graphs, with random adapters in every slot). Then a character is registered as the repository's
+default (:mod:`isekai.export.characters`), with the tokenizer copied beside it, so the server needs neither a
+tokenizer download nor a model hub.
 """
 
 from __future__ import annotations
@@ -295,13 +295,14 @@ def base_fingerprint(parts: Mapping[str, str]) -> str:
 
 
 def architecture(unet_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A UNet config without the keys that do not change its layers (names, versions), as JSON stores it (lists,
-    not tuples), so a config read back from pipeline.json compares equal."""
+    """A UNet config without the keys that do not change its layers (names, versions), as JSON stores it
+    (lists, not tuples), so a config read back from pipeline.json compares equal."""
     return json.loads(json.dumps({k: v for k, v in unet_config.items() if not k.startswith("_")}))
 
 
 def encode_prompts(models: SdModels, prompts: list[str]) -> np.ndarray:
-    """last_hidden_state float32 [N, 77, D] of ``prompts``, tokenized as the diffusers SD pipeline does (PyTorch)."""
+    """last_hidden_state float32 [N, 77, D] of ``prompts``, tokenized as the diffusers SD pipeline does
+    (PyTorch)."""
     ids = models.tokenizer(
         prompts, padding="max_length", max_length=C.SD_TOKEN_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
@@ -311,7 +312,8 @@ def encode_prompts(models: SdModels, prompts: list[str]) -> np.ndarray:
 
 
 def _unet_config(models: SdModels) -> Mapping[str, Any]:
-    """The UNet's config: the loaded module's, or read from the folder when only the text encoder was loaded."""
+    """The UNet's config: the loaded module's, or read from the folder when only the text encoder was
+    loaded."""
     if models.unet is not None:
         return models.unet.config
     from diffusers import UNet2DConditionModel  # noqa: PLC0415
@@ -432,7 +434,8 @@ def _adapter_parity(graph: _Graph, path: Path, tolerance: Mapping[str, float]) -
         p: (torch.randn(s.a_shape(3), generator=g) * 0.02, torch.randn(s.b_shape(3), generator=g) * 0.02)
         for p, s in shapes.items()
     }
-    # Slot names are canonical paths; the PyTorch slots are keyed by module path (text_model. under transformers 4).
+    # Slot names are canonical paths; the PyTorch slots are keyed by module path (text_model. under
+    # transformers 4).
     by_canonical = {lora_formats.canonical_text_path(p): p for p in graph.slots}
     lora_slots.set_factors(graph.slots, {by_canonical[p]: f for p, f in factors.items()})
     feeds = {p + lora_slots.SLOT_A: a.numpy() for p, (a, _) in factors.items()}
@@ -460,7 +463,8 @@ def export_graphs(
         if graph.slots:
             rename = lora_formats.canonical_text_path if model == C.TEXT_ENCODER_MODEL else None
             count = lora_slots.open_slots(path, graph.prefix, graph.layers, lora_targets, rename)
-            progress(f"{model}: {count} LoRA slots ({lora_targets if model == C.UNET_MODEL else 'all'} layers)")
+            progress(f"{model}: {count} LoRA slots ({lora_targets if model == C.UNET_MODEL else 'all'} "
+                     "layers)")
             lora_slots.set_factors(graph.slots, {})  # rank 0: the plain base model
         tolerance = dict(atol=ATOL[model], rtol=RTOL)
         check_parity(graph.module, path, graph.sample, graph.spec, **tolerance)
@@ -550,8 +554,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--character", default=None,
-        help=f"register this character (name pattern {C.CHARACTER_NAME_PATTERN}) as the repository's default. "
-        f"Without it, {C.DEFAULT_CHARACTER!r} gets a generic anime prompt and becomes the default",
+        help=f"register this character (name pattern {C.CHARACTER_NAME_PATTERN}) as the repository's "
+        f"default. Without it, {C.DEFAULT_CHARACTER!r} gets a generic anime prompt and becomes the default",
     )
     parser.add_argument(
         "--prompt", default=None,

@@ -8,12 +8,13 @@ Every dynamic input gets one optimization profile from its :class:`GraphSpec`: t
 min and max, a typical value gives opt (``--opt AXIS=VALUE`` overrides it). Static dims are fixed.
 
 Graphs with LoRA slots (unet, text_encoder: :mod:`isekai.export.lora_slots`) are built without them: TensorRT
-takes no zero-rank weights, and a plan cannot switch adapters per request. Characters that bring weights of their
-own get plans of their own instead, ``<repository>/diffusion/characters/<NAME>/<model>.plan``: a LoRA character's
-adapter fused into the base weights (:func:`isekai.export.lora_slots.fuse_adapter`), a full fine-tune's own graph.
-The ``tensorrt`` profile's unet and text_encoder (Python backend, :mod:`isekai.serving.trt_session`) load them on
-first use, least recently used out first, as the default profile does with its adapters and graphs. Run this again
-after registering characters: existing plans are kept.
+takes no zero-rank weights, and a plan cannot switch adapters per request. Characters that bring weights of
+their own get plans of their own instead, ``<repository>/diffusion/characters/<NAME>/<model>.plan``: a LoRA
+character's adapter fused into the base weights (:func:`isekai.export.lora_slots.fuse_adapter`), a full
+fine-tune's own graph. The ``tensorrt`` profile's unet and text_encoder (Python backend,
+:mod:`isekai.serving.trt_session`) load them on first use, least recently used out first, as the default
+profile does with its adapters and graphs. Run this again after registering characters: existing plans are
+kept.
 
 ``isekai export tensorrt --repository model_repository``
 """
@@ -25,11 +26,10 @@ import dataclasses
 import importlib
 import inspect
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-
-import tempfile
 
 import onnx
 
@@ -336,7 +336,8 @@ def build_repository_plans(
             raise ValueError(f"{model}: {source} does not exist; export it first (isekai export ...)")
         spec = spec_for_graph(specs[model], source)
         axes = {k: v for k, v in (opt or {}).items() if k in axis_names(spec)}
-        build = dict(shapes=profile_shapes(spec, axes), fp16=fp16, workspace_bytes=workspace_bytes, force=force)
+        build = dict(shapes=profile_shapes(spec, axes), fp16=fp16, workspace_bytes=workspace_bytes,
+                     force=force)
         plans.append(_build_fused(source, None, source.with_name(C.PLAN_FILENAME), spec, **build))
         if model in chars.CHARACTER_MODELS:
             plans += _character_plans(repository, model, source, spec, build)
@@ -352,8 +353,8 @@ def _build_fused(
     source: Path, adapter: Path | None, plan: Path, spec: GraphSpec, *, shapes: Shapes, fp16: bool,
     workspace_bytes: int, force: bool, newer_than: Path | None = None,
 ) -> Path:
-    """Build ``plan`` from ``source``; a graph with LoRA slots is built with ``adapter`` fused in (or the slots
-    just removed). A plan newer than its sources is kept unless ``force``."""
+    """Build ``plan`` from ``source``; a graph with LoRA slots is built with ``adapter`` fused in (or the
+    slots just removed). A plan newer than its sources is kept unless ``force``."""
     sources = [p for p in (source, adapter, newer_than) if p is not None]
     if plan.is_file() and not force and all(plan.stat().st_mtime >= p.stat().st_mtime for p in sources):
         progress(f"{spec.model}: {plan} is newer than its sources, kept (--force rebuilds)")

@@ -21,7 +21,8 @@ COMMANDS = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``only``, just that sub-command's flags are loaded (``isekai run`` never imports torch)."""
+    """The parser; with ``only``, just that sub-command's flags are loaded (``isekai run`` never imports
+    torch)."""
     parser = argparse.ArgumentParser(prog="isekai", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

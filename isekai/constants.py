@@ -1,4 +1,5 @@
-"""Names, defaults and limits shared by the exporters, the pipeline, the Triton configs, the client and the docs.
+"""Names, defaults and limits shared by the exporters, the pipeline, the Triton configs, the client and the
+docs.
 
 Everything a config.pbtxt, a model.py, a test or the README quotes is defined here once. Public request and
 response tensor names live in :mod:`isekai.client.api`; this module holds the internal model names, the
@@ -163,20 +164,20 @@ DEFAULT_METRICS_PORT = 8002
 REMOTE_REPOSITORY_SCHEMES = ("s3://", "gs://", "as://")
 # How long isekai serve lets in-flight requests finish after SIGTERM/SIGINT (--grace, seconds).
 DEFAULT_DRAIN_GRACE_S = 60.0
-# isekai serve runs Triton with explicit model control, the model-repository API closed behind this header (the
-# caller's --admin-key, or a random key only the supervisor holds): it is how a dead Python-backend stub's model is
-# reloaded and how the public models are unloaded first on shutdown.
+# isekai serve runs Triton with explicit model control, the model-repository API closed behind this header
+# (the caller's --admin-key, or a random key only the supervisor holds): it is how a dead Python-backend
+# stub's model is reloaded and how the public models are unloaded first on shutdown.
 ADMIN_KEY_HEADER = "isekai-admin-key"
 # The Triton APIs behind that key: loading/unloading models, and changing the server's trace and log settings
 # (read-only metadata, health, statistics and inference stay open).
 RESTRICTED_APIS = ("model-repository", "trace", "logging")
-# Triton's gRPC endpoint expects restricted-protocol headers with this prefix (HTTP takes the header as it is):
-# gRPC callers send "triton-grpc-protocol-isekai-admin-key: KEY".
+# Triton's gRPC endpoint expects restricted-protocol headers with this prefix (HTTP takes the header as it
+# is): gRPC callers send "triton-grpc-protocol-isekai-admin-key: KEY".
 GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
-# Unloaded first when isekai serve drains, in this order: readiness goes false and new requests are refused at once,
-# while the requests already inside them finish. Readiness turns false with the first unload, so the other model
-# takes requests for the moment between the two calls: the mask-only model goes first, as a click that slips through
-# costs milliseconds and a swap minutes.
+# Unloaded first when isekai serve drains, in this order: readiness goes false and new requests are refused at
+# once, while the requests already inside them finish. Readiness turns false with the first unload, so the
+# other model takes requests for the moment between the two calls: the mask-only model goes first, as a click
+# that slips through costs milliseconds and a swap minutes.
 PUBLIC_MODELS = (SEGMENT_MODEL, ENSEMBLE_MODEL, STREAM_MODEL)
 # A config parameter the supervisor changes to make Triton really reload a model (a load of an unchanged model
 # keeps its instances, dead stub included).
@@ -186,9 +187,10 @@ RELOAD_PARAMETER = "isekai_reload"
 SHUTDOWN_UNLOAD_S = 15.0
 # How often isekai serve looks for dead stubs and a dead server (seconds).
 SUPERVISOR_INTERVAL_S = 0.5
-# A zombie stub, or a loaded model seen without any live stub, is taken for a crash only when it stays so this long
-# (seconds): a reload can leave a model stubless for a moment between its config stub and the new instance's (seen in
-# a CI run, ~1-2 s), and a stub that exited normally is a zombie until Triton reaps it (caught in CI under load).
+# A zombie stub, or a loaded model seen without any live stub, is taken for a crash only when it stays so this
+# long (seconds): a reload can leave a model stubless for a moment between its config stub and the new
+# instance's (seen in a CI run, ~1-2 s), and a stub that exited normally is a zombie until Triton reaps it
+# (caught in CI under load).
 STUB_DEATH_CONFIRM_S = 5.0
 # The Python backend's stub executable (one process per model instance, children of tritonserver).
 PYTHON_STUB_NAME = "triton_python_backend_stub"
@@ -211,15 +213,16 @@ GRAPH_MISMATCH = "serves another graph than its repository holds"
 
 # ---------------------------------------------------------------------------------------------------------
 # Image decoding/encoding, mask cleanup, crops and compositing (ensemble/images.py, masks.py, crops.py,
-# compose.py). Fractions are of the image's (or the mask's) size so the behaviour does not depend on resolution.
+# compose.py). Fractions are of the image's (or the mask's) size so the behaviour does not depend on
+# resolution.
 # ---------------------------------------------------------------------------------------------------------
 # Pillow format names the decoder opens (JPEG includes MPO camera files); anything else (EPS, PSD, ...) is
 # refused without reaching its decoder.
 IMAGE_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 JPEG_QUALITY = 92
 WEBP_QUALITY = 90
-# Longest side each encoder can write (libjpeg's JPEG_MAX_DIMENSION, libwebp's WEBP_MAX_DIMENSION); PNG has no such
-# limit. An upscaled result can pass them: the request is refused before any model runs.
+# Longest side each encoder can write (libjpeg's JPEG_MAX_DIMENSION, libwebp's WEBP_MAX_DIMENSION); PNG has no
+# such limit. An upscaled result can pass them: the request is refused before any model runs.
 ENCODER_MAX_SIDE = {"jpeg": 65500, "webp": 16383}
 # A cleaned mask covering less than this fraction of the image means "no person found" (not an error).
 PERSON_MIN_AREA_FRACTION = 0.001
@@ -230,21 +233,25 @@ MASK_MAX_HOLE_FRACTION = 0.01
 # "Near a positive click": within this fraction of the image's long side (at least MASK_CLICK_RADIUS_MIN_PX).
 MASK_CLICK_RADIUS_FRACTION = 0.02
 MASK_CLICK_RADIUS_MIN_PX = 4
-# LaMa's hole is the person mask dilated by this fraction of the image's long side (at least the minimum): SAM's
-# mask is upsampled from 256x256, so its edge is uncertain by a few pixels, and leftovers look worse than a bigger hole.
+# LaMa's hole is the person mask dilated by this fraction of the image's long side (at least the minimum):
+# SAM's mask is upsampled from 256x256, so its edge is uncertain by a few pixels, and leftovers look worse
+# than a bigger hole.
 MASK_DILATE_FRACTION = 0.015
 MASK_DILATE_MIN_PX = 4
-# LaMa crop (IOPaint's crop strategy): the hole's box plus a margin of context, scaled down so its long side is at
-# most LAMA_WORKING_SIZE, padded to LAMA_MODULO. Margin = max(MIN_PX (IOPaint's default), FRACTION x box long side).
+# LaMa crop (IOPaint's crop strategy): the hole's box plus a margin of context, scaled down so its long side
+# is at most LAMA_WORKING_SIZE, padded to LAMA_MODULO. Margin = max(MIN_PX (IOPaint's default), FRACTION x box
+# long side).
 LAMA_WORKING_SIZE = 1024
 LAMA_CROP_MARGIN_PX = 128
 LAMA_CROP_MARGIN_FRACTION = 0.5
-# Person crop for img2img: the person's box plus a margin, widened to at least this short/long ratio (SD 1.x draws
-# poorly below ~384 px on a side), scaled (up or down) to SD_NATIVE_SIZE on the long side, padded to SD_SIZE_MULTIPLE.
+# Person crop for img2img: the person's box plus a margin, widened to at least this short/long ratio (SD 1.x
+# draws poorly below ~384 px on a side), scaled (up or down) to SD_NATIVE_SIZE on the long side, padded to
+# SD_SIZE_MULTIPLE.
 PERSON_CROP_MARGIN_FRACTION = 0.1
 PERSON_CROP_MARGIN_MIN_PX = 8
 PERSON_CROP_MIN_ASPECT = 0.75
-# Feather of the character's silhouette, in pixels of the SD crop (so it scales with the person, not the photo).
+# Feather of the character's silhouette, in pixels of the SD crop (so it scales with the person, not the
+# photo).
 COMPOSE_FEATHER_PX = 4.0
 # Where compose's silhouette of the generated character comes from (compose/config.pbtxt parameter
 # "silhouette"): the person's own mask carried into the crop (no SAM call), or SAM run again on the generated
@@ -261,23 +268,26 @@ PLACEHOLDER_SIDE = 64
 CHARACTER_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 # ---------------------------------------------------------------------------------------------------------
-# Stable Diffusion graphs and the diffusion loop (export/sd.py, ensemble/diffusion.py, ensemble/characters.py).
+# Stable Diffusion graphs and the diffusion loop (export/sd.py, ensemble/diffusion.py,
+# ensemble/characters.py).
 # ---------------------------------------------------------------------------------------------------------
-# The UNet halves the latent three times and its up path concatenates skips, so exported UNets take latent sides
-# that are multiples of 8, i.e. pixel sides that are multiples of SD_VAE_FACTOR * 8.
+# The UNet halves the latent three times and its up path concatenates skips, so exported UNets take latent
+# sides that are multiples of 8, i.e. pixel sides that are multiples of SD_VAE_FACTOR * 8.
 SD_SIZE_MULTIPLE = 64
 # numpy dtype names of the exported graphs' non-float inputs (the serving code builds its tensors with these).
 TEXT_IDS_DTYPE = "int32"  # text_encoder input_ids (TensorRT and Triton prefer int32 indices)
-UNET_TIMESTEP_DTYPE = "float32"  # unet timestep: float so every scheduler (also fractional-timestep ones) fits
+# unet timestep: float so every scheduler (also fractional-timestep ones) fits
+UNET_TIMESTEP_DTYPE = "float32"
 # Guidance below 1 is not classifier-free guidance (1 means the prompt's prediction alone).
 MIN_GUIDANCE = 1.0
-# Bytes of characters' weights the unet / text_encoder models keep loaded beside the base graph, least recently used
-# out first (config parameters character_adapter_bytes / character_graph_bytes): LoRA adapters (a rank-64 SD 1.5
-# UNet LoRA is ~100 MB in float32), and the own graphs of full fine-tunes (an SD 1.5 UNet is 3.4 GB in float32).
+# Bytes of characters' weights the unet / text_encoder models keep loaded beside the base graph, least
+# recently used out first (config parameters character_adapter_bytes / character_graph_bytes): LoRA adapters
+# (a rank-64 SD 1.5 UNet LoRA is ~100 MB in float32), and the own graphs of full fine-tunes (an SD 1.5 UNet is
+# 3.4 GB in float32).
 CHARACTER_ADAPTER_BYTES = 2 * 1024**3
 CHARACTER_GRAPH_BYTES = 4 * 1024**3
-# Which UNet layers the exported graph gives LoRA slots (export/lora_slots.py): the attention projections, every
-# layer of the transformer blocks, or every Linear and Conv2d.
+# Which UNet layers the exported graph gives LoRA slots (export/lora_slots.py): the attention projections,
+# every layer of the transformer blocks, or every Linear and Conv2d.
 LORA_TARGET_FAMILIES = ("attention", "transformer", "all")
 DEFAULT_LORA_TARGETS = "all"
 MAX_SEED = 2**63 - 1  # seeds are INT64 on the wire; negative ones are refused
@@ -292,12 +302,13 @@ LAMA_MIN_SIDE = 2 * LAMA_MODULO
 # Real-ESRGAN (export/esrgan.py, ensemble/upscale.py).
 # ---------------------------------------------------------------------------------------------------------
 UPSCALE_MODEL = "upscale"  # optional: see OPTIONAL_ONNX_MODELS
-# The isekai ensemble's last step: the optional upscale of the scene (BLS calls to UPSCALE_MODEL), then encoding.
+# The isekai ensemble's last step: the optional upscale of the scene (BLS calls to UPSCALE_MODEL), then
+# encoding.
 FINISH_MODEL = "finish"
-# Exported graphs a repository may lack: their model loads anyway (isekai.serving.optional_onnx_model) and answers
-# UNAVAILABLE until the graph is exported, so repositories made before them, or by users without the checkpoint,
-# still start (a model failing to load makes tritonserver exit). Not in ONNX_MODELS: served by a Python adapter in
-# every profile, so no TensorRT plan is built for them.
+# Exported graphs a repository may lack: their model loads anyway (isekai.serving.optional_onnx_model) and
+# answers UNAVAILABLE until the graph is exported, so repositories made before them, or by users without the
+# checkpoint, still start (a model failing to load makes tritonserver exit). Not in ONNX_MODELS: served by a
+# Python adapter in every profile, so no TensorRT plan is built for them.
 OPTIONAL_ONNX_MODELS = (UPSCALE_MODEL,)
 # upscale: image f32 [1,3,H,W] RGB in 0..1 -> upscaled f32 [1,3,sH,sW] (s = the checkpoint's scale; unclamped)
 ESRGAN_IN_IMAGE = "image"
@@ -311,8 +322,8 @@ MAX_UPSCALED_PIXELS = 8192 * 8192
 # The isekai model's optional ``upscale`` input: the result's size over the photo's (1 = no upscale).
 DEFAULT_UPSCALE = 1
 UPSCALE_FACTORS = (1, 2, 4)
-# Side of the image the finish step sends the exported graph once per request to learn its scale (output side /
-# this): a multiple of every RRDBNet's unshuffle factor (1, 2, 4), and costs nothing to run.
+# Side of the image the finish step sends the exported graph once per request to learn its scale (output side
+# / this): a multiple of every RRDBNet's unshuffle factor (1, 2, 4), and costs nothing to run.
 UPSCALE_PROBE_SIDE = 4
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,10 +380,11 @@ WEB_MAX_SESSION_BYTES = 512 * 1024 * 1024
 # stay bounded. A request whose client set a timeout is also refused from a queue it has waited in that long
 # ("Request timeout expired").
 SEGMENT_MASK_MODEL = "segment_mask"  # isekai_segment's last step
-# Not diffusion and lama: Triton 2.51 schedules them together (both read only prepare's tensors), and its ensemble
-# scheduler mishandles a step refused beside another (core PR #466, fixed in 2026): the swap never finishes and a
-# freed request tracker is used again, which hung the whole server in a 10x overload test here. Their queues stay
-# unbounded until the server is upgraded; the steps before and after them, each scheduled alone, are bounded.
+# Not diffusion and lama: Triton 2.51 schedules them together (both read only prepare's tensors), and its
+# ensemble scheduler mishandles a step refused beside another (core PR #466, fixed in 2026): the swap never
+# finishes and a freed request tracker is used again, which hung the whole server in a 10x overload test here.
+# Their queues stay unbounded until the server is upgraded; the steps before and after them, each scheduled
+# alone, are bounded.
 STEP_QUEUE_SIZES = {
     PREPROCESS_MODEL: 16,
     SAM_DECODER_MODEL: 16,
@@ -381,7 +393,8 @@ STEP_QUEUE_SIZES = {
     COMPOSE_MODEL: 8,
     FINISH_MODEL: 8,
 }
-# Steps of the public ensembles that Triton 2.51 schedules beside another, so they must never refuse a request.
+# Steps of the public ensembles that Triton 2.51 schedules beside another, so they must never refuse a
+# request.
 UNBOUNDED_STEPS = (LAMA_MODEL, DIFFUSION_MODEL)
 # What a client treats as "busy, retry later" (isekai/client/client.py): Triton's own words for a full queue
 # and for a request that waited past its timeout, both with status UNAVAILABLE.

@@ -1,7 +1,7 @@
 """``isekai demo``: small checkpoints -> exported repository -> embedded Triton -> one real photo -> outputs.
 
-Everything happens under ``.demo/`` (configurable): the checkpoints, the model repository, the input photo and,
-next to it, the result, the mask and the background.
+Everything happens under ``.demo/`` (configurable): the checkpoints, the model repository, the input photo
+and, next to it, the result, the mask and the background.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ STAGES = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where everything the demo makes goes")
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"),
+                        help="where everything the demo makes goes")
     parser.add_argument("--steps", type=int, default=C.DEFAULT_STEPS, help="denoising steps")
     parser.add_argument("--seed", type=int, default=7, help="noise seed")
     parser.add_argument(
@@ -37,18 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of one swap: serve the demo repository and the page (isekai web) until Ctrl-C",
     )
     parser.add_argument("--host", default=C.DEFAULT_WEB_HOST, help="with --web: address the page listens on")
-    parser.add_argument("--port", type=int, default=C.DEFAULT_WEB_PORT, help="with --web: port the page listens on")
+    parser.add_argument("--port", type=int, default=C.DEFAULT_WEB_PORT,
+                        help="with --web: port the page listens on")
 
 
 def web(work: Path, host: str, port: int) -> int:
-    """``isekai demo --web``: the small checkpoints served by the embedded Triton, and the page in front of it."""
+    """``isekai demo --web``: the small checkpoints served by the embedded Triton, and the page in front of
+    it."""
     import threading  # noqa: PLC0415
 
     from isekai.client.web.cli import PageServer  # noqa: PLC0415
     from isekai.export.demo import build_demo_repository  # noqa: PLC0415
     from isekai.serving.server import ServerOptions, TritonServer, free_port  # noqa: PLC0415
 
-    print(f"[1/3] small checkpoints in the real formats, exported into {work / 'model_repository'}", flush=True)
+    print(f"[1/3] small checkpoints in the real formats, exported into {work / 'model_repository'}",
+          flush=True)
     repository = build_demo_repository(work / "model_repository", work / "checkpoints")
     options = ServerOptions(
         repository=repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()
@@ -81,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
     if args.web:
         return web(work, args.host, args.port)
     t0 = time.perf_counter()
-    print(f"[1/4] small checkpoints in the real formats, exported into {work / 'model_repository'}", flush=True)
+    print(f"[1/4] small checkpoints in the real formats, exported into {work / 'model_repository'}",
+          flush=True)
     repository = build_demo_repository(work / "model_repository", work / "checkpoints")
 
     photo = work / "astronaut.png"
@@ -96,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"[2/4] starting the embedded Triton server (log: {log})", flush=True)
     t1 = time.perf_counter()
     with TritonServer(options, log_path=log) as server:
-        print(f"      ready in {time.perf_counter() - t1:.1f}s: gRPC {server.grpc_url}, metrics {server.metrics_url}")
+        print(f"      ready in {time.perf_counter() - t1:.1f}s: gRPC {server.grpc_url}, metrics "
+              f"{server.metrics_url}")
         stats_client = grpcclient.InferenceServerClient(server.grpc_url)
         before = model_stats(stats_client)
         upscale = f" --upscale {args.upscale}" if args.upscale != C.DEFAULT_UPSCALE else ""
@@ -104,19 +110,22 @@ def main(args: argparse.Namespace) -> int:
               f"--steps {args.steps} --seed {args.seed}{upscale}", flush=True)
         client = IsekaiClient(server.grpc_url)
         t2 = time.perf_counter()
-        out = client.swap(photo.read_bytes(), [DEMO_CLICK], steps=args.steps, seed=args.seed, upscale=args.upscale)
+        out = client.swap(photo.read_bytes(), [DEMO_CLICK], steps=args.steps, seed=args.seed,
+                          upscale=args.upscale)
         elapsed = time.perf_counter() - t2
         delta = stats_delta(before, model_stats(stats_client))
         others = {}
         for character in client.characters():
-            print(f"      character {character.name!r} ({character.kind}{', default' if character.default else ''}):"
-                  f" {character.prompt}")
+            print(f"      character {character.name!r} "
+                  f"({character.kind}{', default' if character.default else ''}): {character.prompt}")
             if not character.default and character.drawable:
                 # The same base UNet draws it, with the character's LoRA adapter applied for this request.
                 t3 = time.perf_counter()
-                others[character.name] = client.swap(photo.read_bytes(), [DEMO_CLICK], character=character.name,
-                                                     steps=args.steps, seed=args.seed, upscale=args.upscale)
-                print(f"      ... swapped as {character.name!r} in {time.perf_counter() - t3:.2f}s", flush=True)
+                others[character.name] = client.swap(photo.read_bytes(), [DEMO_CLICK],
+                                                     character=character.name, steps=args.steps,
+                                                     seed=args.seed, upscale=args.upscale)
+                print(f"      ... swapped as {character.name!r} in {time.perf_counter() - t3:.2f}s",
+                      flush=True)
         print("[4/4] stopping the server", flush=True)
     outputs = {
         "result": work / "astronaut.result.png",

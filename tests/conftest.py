@@ -8,6 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from skimage import data
+
+from isekai.client.client import IsekaiClient
+from isekai.serving.server import ServerOptions, TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Reused between local runs (exports are skipped when present); CI starts from a clean clone.
@@ -17,7 +22,7 @@ CACHE = Path(os.environ.get("ISEKAI_TEST_CACHE", ROOT / ".cache" / "tests"))
 @pytest.fixture(scope="session")
 def demo_repository() -> Path:
     """A model repository with every model exported from small random-weight checkpoints."""
-    from isekai.export.demo import build_demo_repository
+    from isekai.export.demo import build_demo_repository  # noqa: PLC0415 - torch-heavy, only when asked
 
     return build_demo_repository(CACHE / "model_repository", CACHE / "checkpoints")
 
@@ -33,10 +38,9 @@ def lcm_repository(demo_repository: Path) -> Path:
 
 
 def start_server(repository: Path, log_path: Path, **options):
-    from isekai.serving.server import ServerOptions, TritonServer, free_port
-
     opts = ServerOptions(
-        repository=repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **options
+        repository=repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+        **options
     )
     server = TritonServer(opts, log_path=log_path)
     server.start()
@@ -59,16 +63,12 @@ def server(demo_repository: Path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(server):
-    from isekai.client.client import IsekaiClient
-
     c = IsekaiClient(server.grpc_url)
     yield c
     c.close()
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buf, format="PNG")
     return buf.getvalue()
@@ -77,8 +77,6 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 @pytest.fixture(scope="session")
 def astronaut_png() -> bytes:
     """A real photo of a person that ships inside scikit-image (512x512 RGB)."""
-    from skimage import data
-
     return png_bytes(data.astronaut())
 
 

@@ -1,17 +1,19 @@
 """The weights characters bring for one ONNX model, loaded on first use beside the one base session.
 
-A request to ``unet`` or ``text_encoder`` names its character as ``NAME@REVISION`` (the ``character`` input; empty
-for the base). :class:`CharacterWeights` turns that into what onnxruntime runs:
+A request to ``unet`` or ``text_encoder`` names its character as ``NAME@REVISION`` (the ``character`` input;
+empty for the base). :class:`CharacterWeights` turns that into what onnxruntime runs:
 
 - a character without weights of its own for this model: the base session as it is;
 - a LoRA character: the base session with the character's ``.onnx_adapter`` active for the run
-  (``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter``), so N characters cost N adapters, not N models;
+  (``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter``), so N characters cost N adapters, not N
+  models;
 - a full fine-tune: its own session on its own ``model.onnx``.
 
 Both kinds are loaded on first use and kept in least-recently-used order, bounded in bytes (adapters and own
-graphs each have their budget): a server with many characters holds the ones in use. Nothing here needs Triton;
-the characters' files are read through :class:`isekai.ensemble.characters.CharacterStore`, so a character added
-or removed on disk is seen without a reload, and a request never mixes two revisions of one character.
+graphs each have their budget): a server with many characters holds the ones in use. Nothing here needs
+Triton; the characters' files are read through :class:`isekai.ensemble.characters.CharacterStore`, so a
+character added or removed on disk is seen without a reload, and a request never mixes two revisions of one
+character.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _file_bytes(path: Path) -> int:
 
 
 class CharacterWeights:
-    """``key -> (session, run_options)`` for one model, with LRU budgets for adapters and own graphs (bytes)."""
+    """``key -> (session, run_options)`` for one model, with LRU budgets for adapters and own graphs
+    (bytes)."""
 
     def __init__(
         self,
@@ -73,8 +76,9 @@ class CharacterWeights:
         plans: bool = False,
     ) -> None:
         """``open_session(path)`` opens a graph the way the base was opened; with ``plans`` (the tensorrt
-        runtime) every character with weights of its own runs its TensorRT plan (``<character>/<model>.plan``, an
-        adapter fused in or its own graph), opened by ``open_session`` too and counted against the graph budget."""
+        runtime) every character with weights of its own runs its TensorRT plan (``<character>/<model>.plan``,
+        an adapter fused in or its own graph), opened by ``open_session`` too and counted against the graph
+        budget."""
         self.store = store
         self.model = model
         self.base = Loaded(base_session, None, 0, "base")
@@ -87,7 +91,8 @@ class CharacterWeights:
         self._evictions = 0
 
     def get(self, key: str) -> Loaded:
-        """What runs ``key``'s requests; ``""`` is the base. Raises ValueError / CharacterChanged (see the store)."""
+        """What runs ``key``'s requests; ``""`` is the base. Raises ValueError / CharacterChanged (see the
+        store)."""
         if not key:
             return self.base
         with self._lock:
@@ -107,7 +112,8 @@ class CharacterWeights:
 
         weights = self.store.weights_of(key, self.model)
         if weights is None:
-            return self.base  # a character without weights of its own for this model (cached: no re-read per step)
+            # a character without weights of its own for this model (cached: no re-read per step)
+            return self.base
         form, path = weights
         if self.plans:
             plan = plan_path(self.store.directory / parse_key(key)[0], self.model)
@@ -125,7 +131,8 @@ class CharacterWeights:
         return Loaded(self.open_session(path), None, size, form)
 
     def _evict(self, form: str, keep: str) -> None:
-        """Drop least recently used entries of ``form`` until they fit its budget (never the one just loaded)."""
+        """Drop least recently used entries of ``form`` until they fit its budget (never the one just
+        loaded)."""
         while len(self._loaded) > MAX_ENTRIES:
             self._loaded.popitem(last=False)
         budget = self.budgets.get(form)
@@ -137,7 +144,8 @@ class CharacterWeights:
                 break
             del self._loaded[victim]
             self._evictions += 1
-            log.info("%s: unloaded %s's %s (least recently used; budget %d bytes)", self.model, victim, form, budget)
+            log.info("%s: unloaded %s's %s (least recently used; budget %d bytes)", self.model, victim, form,
+                     budget)
 
     def _bytes(self, form: str) -> int:
         return sum(v.nbytes for v in self._loaded.values() if v.form == form)

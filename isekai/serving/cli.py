@@ -31,15 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--grpc-port", type=int, default=C.DEFAULT_GRPC_PORT, help="gRPC port")
     parser.add_argument("--http-port", type=int, default=C.DEFAULT_HTTP_PORT, help="HTTP port")
-    parser.add_argument("--metrics-port", type=int, default=C.DEFAULT_METRICS_PORT, help="Prometheus metrics port")
+    parser.add_argument("--metrics-port", type=int, default=C.DEFAULT_METRICS_PORT,
+                        help="Prometheus metrics port")
     parser.add_argument(
         "--profile", default=None,
-        help="model config profile: reads <model>/configs/PROFILE.pbtxt where present (e.g. gpu); default config.pbtxt",
+        help="model config profile: reads <model>/configs/PROFILE.pbtxt where present (e.g. gpu); default "
+             "config.pbtxt",
     )
     parser.add_argument(
         "--admin-key", default=None,
-        help="HEADER=VALUE (or VALUE for header isekai-admin-key): callers sending it may use the model-repository "
-        "API (load/unload/index); without this flag that API is closed to every caller",
+        help="HEADER=VALUE (or VALUE for header isekai-admin-key): callers sending it may use the "
+        "model-repository API (load/unload/index); without this flag that API is closed to every caller",
     )
     parser.add_argument(
         "--grace", type=float, default=C.DEFAULT_DRAIN_GRACE_S,
@@ -47,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(readiness goes false and new requests are refused at once)",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton log verbosity (0 = info)")
-    parser.add_argument("--log-file", type=Path, default=None, help="write the server log here instead of stdout")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="write the server log here instead of stdout")
     parser.add_argument(
         "triton_args", nargs=argparse.REMAINDER, metavar="-- TRITON_FLAG",
         help="after --: more tritonserver flags, e.g. -- --grpc-max-connection-age=300000",
@@ -57,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     repository = args.repository if is_remote_repository(args.repository) else Path(args.repository)
     if isinstance(repository, Path) and not repository.is_dir():
-        print(f"isekai serve: model repository {repository} is not a folder (nor an s3://, gs:// or as:// URL)",
+        print(f"isekai serve: model repository {repository} is not a folder (nor an s3://, gs:// or as:// "
+              "URL)",
               file=sys.stderr)
         return 2
     triton_args = tuple(args.triton_args[1:] if args.triton_args[:1] == ["--"] else args.triton_args)
@@ -73,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         metrics_port=args.metrics_port,
         model_config_name=args.profile,
-        # Explicit control behind a key: how the supervisor reloads a model whose stub died and drains on exit.
+        # Explicit control behind a key: how the supervisor reloads a model whose stub died and drains on
+        # exit.
         model_control="explicit",
         load_models=("*",),
         admin_key=args.admin_key or secrets.token_urlsafe(24),

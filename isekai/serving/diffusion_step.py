@@ -2,8 +2,8 @@
 exported SD graphs). Shared by two callers, so a swap draws the same bytes through either:
 
 - ``model_repository/diffusion`` (the ``isekai`` ensemble's step), one request at a time;
-- ``model_repository/isekai_stream``, which runs this step in its own stub so that it can report every UNet step
-  and stop between two of them when its caller cancels (Triton 2.51's Python backend cannot cancel a BLS
+- ``model_repository/isekai_stream``, which runs this step in its own stub so that it can report every UNet
+  step and stop between two of them when its caller cancels (Triton 2.51's Python backend cannot cancel a BLS
   request it made, so a cancelled stream could not stop a ``diffusion`` model it called).
 
 The character is resolved once per request (:class:`CharacterStore`); the unet and text_encoder calls name it

@@ -5,8 +5,8 @@ Prometheus scrapes them with the rest, and tests read them to prove where work w
 - the SAM embedding cache (``preprocess``): ``isekai_embedding_cache_hits_total`` / ``..._misses_total`` /
   ``..._evictions_total`` (counters) and ``isekai_embedding_cache_entries`` / ``..._bytes`` (gauges);
 - characters' weights (``unet``, ``text_encoder``): ``isekai_character_weights_loads_total`` /
-  ``..._evictions_total`` (counters) and ``isekai_character_weights_adapter_bytes`` / ``..._graph_bytes`` (gauges:
-  LoRA adapters and full fine-tunes' own graphs held),
+  ``..._evictions_total`` (counters) and ``isekai_character_weights_adapter_bytes`` / ``..._graph_bytes``
+  (gauges: LoRA adapters and full fine-tunes' own graphs held),
 
 each labelled with the model that owns them.
 """
@@ -23,11 +23,12 @@ log = logging.getLogger("isekai")
 class StatsMetrics:
     """Mirror snapshots of a stats dataclass into Triton custom metrics (a no-op where metrics are off).
 
-    ``counters`` are fields that only grow (exported as ``<prefix>_<field>_total``); ``gauges`` are exported as
-    ``<prefix>_<field>``.
+    ``counters`` are fields that only grow (exported as ``<prefix>_<field>_total``); ``gauges`` are exported
+    as ``<prefix>_<field>``.
     """
 
-    def __init__(self, prefix: str, what: str, model: str, counters: tuple[str, ...], gauges: tuple[str, ...]) -> None:
+    def __init__(self, prefix: str, what: str, model: str, counters: tuple[str, ...],
+                 gauges: tuple[str, ...]) -> None:
         self.counters, self.gauges = counters, gauges
         self._seen = dict.fromkeys(counters, 0)
         self._metrics: dict[str, object] = {}
@@ -36,7 +37,8 @@ class StatsMetrics:
         labels = {"model": model}
         try:
             for name in counters:
-                family = pb_utils.MetricFamily(name=f"{prefix}_{name}_total", kind=pb_utils.MetricFamily.COUNTER,
+                family = pb_utils.MetricFamily(name=f"{prefix}_{name}_total",
+                                               kind=pb_utils.MetricFamily.COUNTER,
                                                description=f"{what} {name}")
                 self._families.append(family)
                 self._metrics[name] = family.Metric(labels=labels)

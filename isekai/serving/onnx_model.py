@@ -1,33 +1,35 @@
-"""The default profile's ONNX models: onnxruntime inside a Python-backend model, on the ``model.onnx`` beside it.
+"""The default profile's ONNX models: onnxruntime inside a Python-backend model, on the ``model.onnx`` beside
+it.
 
-Any machine without a GPU or a container can serve the exported graphs this way; the ``gpu`` profile serves the very
-same files with onnxruntime's CUDA provider (``parameters { key: "execution_provider" ... }``) or Triton's own
-onnxruntime/tensorrt backends, and the ``tensorrt`` profile's unet and text_encoder run TensorRT plans here
-(``runtime: tensorrt``, :mod:`isekai.serving.trt_session`). Each ``model_repository/<model>/1/model.py`` of an ONNX model is this class and
-nothing else.
+Any machine without a GPU or a container can serve the exported graphs this way; the ``gpu`` profile serves
+the very same files with onnxruntime's CUDA provider (``parameters { key: "execution_provider" ... }``) or
+Triton's own onnxruntime/tensorrt backends, and the ``tensorrt`` profile's unet and text_encoder run TensorRT
+plans here (``runtime: tensorrt``, :mod:`isekai.serving.trt_session`). Each
+``model_repository/<model>/1/model.py`` of an ONNX model is this class and nothing else.
 
-With ``max_batch_size > 0`` and dynamic batching, Triton hands ``execute`` several requests at once; the Python
-backend does not concatenate them, so this does: requests whose non-batch shapes agree, and that name the same
-character, run as one onnxruntime call (the UNet's guidance pairs of concurrent requests become one batch-4 call),
-then the outputs are split back. Models without batching run each request alone.
+With ``max_batch_size > 0`` and dynamic batching, Triton hands ``execute`` several requests at once; the
+Python backend does not concatenate them, so this does: requests whose non-batch shapes agree, and that name
+the same character, run as one onnxruntime call (the UNet's guidance pairs of concurrent requests become one
+batch-4 call), then the outputs are split back. Models without batching run each request alone.
 
-A model whose config declares the optional ``character`` input (``unet``, ``text_encoder``) runs each request with
-the weights its character brings (:mod:`isekai.serving.character_weights`): the base graph with a LoRA adapter
-active, or the character's own graph. Requests of different characters never share a run.
+A model whose config declares the optional ``character`` input (``unet``, ``text_encoder``) runs each request
+with the weights its character brings (:mod:`isekai.serving.character_weights`): the base graph with a LoRA
+adapter active, or the character's own graph. Requests of different characters never share a run.
 
-Errors: a request whose inputs are wrong fails alone with INVALID_ARGUMENT, and so does one whose feed onnxruntime
-itself refuses (its ``InvalidArgument``: a shape the config allows and the graph does not); onnxruntime failing to
-run (out of memory, a kernel error) is the server's fault: INTERNAL naming the model, logged with the request ids
-(:mod:`isekai.serving.ort_errors`). A joined run that fails is run again request by request, so one request's
-failure is not the others'.
+Errors: a request whose inputs are wrong fails alone with INVALID_ARGUMENT, and so does one whose feed
+onnxruntime itself refuses (its ``InvalidArgument``: a shape the config allows and the graph does not);
+onnxruntime failing to run (out of memory, a kernel error) is the server's fault: INTERNAL naming the model,
+logged with the request ids (:mod:`isekai.serving.ort_errors`). A joined run that fails is run again request
+by request, so one request's failure is not the others'.
 
-The graph's identity (:func:`isekai.ensemble.cache.graph_identity`, taken before it is read) is kept: a request
-naming the identity it expects in its :data:`~isekai.constants.GRAPH_PARAMETER` parameter is refused (UNAVAILABLE,
-:data:`~isekai.constants.GRAPH_MISMATCH`) when this instance serves another graph, i.e. the graph was re-exported
-and not yet reloaded. preprocess keys SAM embeddings by that identity.
+The graph's identity (:func:`isekai.ensemble.cache.graph_identity`, taken before it is read) is kept: a
+request naming the identity it expects in its :data:`~isekai.constants.GRAPH_PARAMETER` parameter is refused
+(UNAVAILABLE, :data:`~isekai.constants.GRAPH_MISMATCH`) when this instance serves another graph, i.e. the
+graph was re-exported and not yet reloaded. preprocess keys SAM embeddings by that identity.
 
-``parameters { key: "nice" ... }``: the niceness (0..19) this stub's threads run at. sam_encoder sets it, so that a
-new photo's encode, which takes every core for seconds, leaves the CPU to the clicks on cached photos first.
+``parameters { key: "nice" ... }``: the niceness (0..19) this stub's threads run at. sam_encoder sets it, so
+that a new photo's encode, which takes every core for seconds, leaves the CPU to the clicks on cached photos
+first.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from isekai.serving.ort_options import providers, session_options
 
 log = logging.getLogger("isekai")
 
-# How a model's graph runs: onnxruntime on model.onnx (CPU, or CUDA with execution_provider), or the TensorRT plan
-# beside it (the tensorrt profile's models that pick a character's plan per request).
+# How a model's graph runs: onnxruntime on model.onnx (CPU, or CUDA with execution_provider), or the TensorRT
+# plan beside it (the tensorrt profile's models that pick a character's plan per request).
 RUNTIMES = ("onnxruntime", "tensorrt")
 
 
@@ -67,7 +69,8 @@ class TritonPythonModel:
         self.device_id = int(args.get("model_instance_device_id", "0") or 0)
         self.runtime = self.params.get("runtime", "onnxruntime")
         if self.runtime not in RUNTIMES:
-            raise ValueError(f"{self.name}: parameter runtime should be one of {RUNTIMES} but is {self.runtime!r}")
+            raise ValueError(f"{self.name}: parameter runtime should be one of {RUNTIMES} but is "
+                             f"{self.runtime!r}")
         filename = C.PLAN_FILENAME if self.runtime == "tensorrt" else C.ONNX_FILENAME
         path = Path(args["model_repository"]) / args["model_version"] / filename
         if not path.exists():
@@ -76,12 +79,15 @@ class TritonPythonModel:
                 f"{self.name}: {path} does not exist; make it first ({how} --repository "
                 f"{Path(args['model_repository']).parent})"
             )
-        self.graph = graph_identity(path.parent)  # before reading it: a graph replaced meanwhile never matches
+        # before reading it: a graph replaced meanwhile never matches
+        self.graph = graph_identity(path.parent)
         self.session = self._open(path)
         # Graph inputs without a default; LoRA slots (inputs with an initializer) are set by adapters only.
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.dtypes = {cfg["name"]: pb_utils.triton_string_to_numpy(cfg["data_type"]) for cfg in self.config["input"]}
+        self.dtypes = {
+            cfg["name"]: pb_utils.triton_string_to_numpy(cfg["data_type"]) for cfg in self.config["input"]
+        }
         self.characters: CharacterWeights | None = None
         self.metrics = None
         if C.SD_IN_CHARACTER in self.dtypes:
@@ -109,33 +115,39 @@ class TritonPythonModel:
         feed = {}
         for name, meta in self.inputs.items():
             value = triton.required_input(request, name).astype(self.dtypes[name], copy=False)
-            # A per-item scalar such as the UNet's timestep travels as [B,1] when batched; the graph wants [B].
+            # A per-item scalar such as the UNet's timestep travels as [B,1] when batched; the graph wants
+            # [B].
             if len(meta.shape) == value.ndim - 1 and value.shape[-1] == 1:
                 value = value.reshape(value.shape[:-1])
             feed[name] = value
         return feed
 
     def _character(self, request) -> str:
-        """The request's character key (``""``: the base); every row of a batched request names the same one."""
+        """The request's character key (``""``: the base); every row of a batched request names the same
+        one."""
         if self.characters is None:
             return ""
         value = triton.optional_input(request, C.SD_IN_CHARACTER)
         if value is None or value.size == 0:
             return ""
-        keys = {(v if isinstance(v, bytes) else bytes(v)).decode("utf-8", "replace") for v in value.reshape(-1)}
+        keys = {
+            (v if isinstance(v, bytes) else bytes(v)).decode("utf-8", "replace") for v in value.reshape(-1)
+        }
         if len(keys) != 1:
-            raise ValueError(f"input '{C.SD_IN_CHARACTER}' must name one character per request, got {sorted(keys)}")
+            raise ValueError(f"input '{C.SD_IN_CHARACTER}' must name one character per request, got "
+                             f"{sorted(keys)}")
         return keys.pop()
 
     def _check_graph(self, request) -> None:
-        """Refuse a request that expects another graph than this instance serves (see the module docstring)."""
+        """Refuse a request that expects another graph than this instance serves (see the module
+        docstring)."""
         raw = request.parameters() if hasattr(request, "parameters") else ""
         if not raw or C.GRAPH_PARAMETER not in raw:
             return
         expected = json.loads(raw).get(C.GRAPH_PARAMETER)
         if expected and expected != self.graph:
-            raise GraphRefused(f"{self.name} {C.GRAPH_MISMATCH}: it loaded graph {self.graph or '?'}, the caller "
-                               f"expects {expected} (re-exported and not reloaded yet)")
+            raise GraphRefused(f"{self.name} {C.GRAPH_MISMATCH}: it loaded graph {self.graph or '?'}, the "
+                               f"caller expects {expected} (re-exported and not reloaded yet)")
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
@@ -188,7 +200,8 @@ class TritonPythonModel:
                     self._run_group(character, [member], requests, responses)
                 return
             failure = run_error(self.name, err)
-            self._fail(members, requests, responses, failure, "run" if isinstance(failure, ModelRunError) else "")
+            self._fail(members, requests, responses, failure,
+                       "run" if isinstance(failure, ModelRunError) else "")
             return
         offset = 0
         for i, feed in members:
@@ -200,7 +213,8 @@ class TritonPythonModel:
             )
 
     def _fail(self, members, requests, responses, err: Exception, what: str) -> None:
-        """Answer every request of a group with ``err``; a server-side failure is logged with the request ids."""
+        """Answer every request of a group with ``err``; a server-side failure is logged with the request
+        ids."""
         if what:
             ids = [requests[i].request_id() or f"#{i}" for i, _ in members]
             log.error("%s: %s failed for requests %s: %s", self.name, what, ids, err)
@@ -219,8 +233,8 @@ class GraphRefused(RuntimeError):
 def _renice(nice: int) -> None:
     """Run every thread of this process (onnxruntime's pool included) at niceness ``nice``.
 
-    Linux keeps a niceness per thread and new threads inherit their creator's, so the threads that exist now are
-    set one by one; raising it needs no privilege.
+    Linux keeps a niceness per thread and new threads inherit their creator's, so the threads that exist now
+    are set one by one; raising it needs no privilege.
     """
     if not 0 <= nice <= 19:
         raise ValueError(f"parameter nice should be in [0, 19] but is {nice}")

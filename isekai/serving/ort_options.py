@@ -6,12 +6,13 @@ benchmark's in-process onnxruntime phase (``bench/``) build their sessions here,
 Parameters (``config.pbtxt``: ``parameters { key: "..." value: { string_value: "..." } }``), all optional:
 
 - ``intra_op_threads``: threads of one operator; ``"0"`` (default) means all cores;
-- ``execution_provider``: ``"cpu"`` (default) or ``"cuda"`` (onnxruntime-gpu's CUDA provider on the instance's GPU,
-  the ``gpu`` profile's models that take characters' adapters, which Triton's own onnxruntime backend cannot apply);
+- ``execution_provider``: ``"cpu"`` (default) or ``"cuda"`` (onnxruntime-gpu's CUDA provider on the instance's
+  GPU, the ``gpu`` profile's models that take characters' adapters, which Triton's own onnxruntime backend
+  cannot apply);
 - ``cpu_mem_arena``: ``"true"`` (default) keeps onnxruntime's arena of activation buffers between runs. The
-  default profile turns it off for the models with big activations (SAM encoder, LaMa, UNet, VAE): the arena holds
-  each one's peak buffers for good (vit_h: 11.2 GiB resident after a run instead of 2.9 GiB) for no measurable speed,
-  and a server holding them all runs out of memory. bench/ measures it ("Levers").
+  default profile turns it off for the models with big activations (SAM encoder, LaMa, UNet, VAE): the arena
+  holds each one's peak buffers for good (vit_h: 11.2 GiB resident after a run instead of 2.9 GiB) for no
+  measurable speed, and a server holding them all runs out of memory. bench/ measures it ("Levers").
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Mapping
 
 
 def session_options(params: Mapping[str, str]):
-    """onnxruntime ``SessionOptions`` for the CPU provider from a config's parameters (see the module docstring)."""
+    """onnxruntime ``SessionOptions`` for the CPU provider from a config's parameters (see the module
+    docstring)."""
     import onnxruntime as ort  # noqa: PLC0415
 
     options = ort.SessionOptions()

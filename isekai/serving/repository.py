@@ -1,8 +1,8 @@
 """Triton's model-repository API as the supervisor uses it: list states, unload, and really reload a model.
 
 Plain HTTP (urllib) on the server's own port, with the admin header the server was started with
-(``--http-restricted-api=model-repository:HEADER=VALUE``); every call raises :class:`RepositoryError` naming the
-model and Triton's answer.
+(``--http-restricted-api=model-repository:HEADER=VALUE``); every call raises :class:`RepositoryError` naming
+the model and Triton's answer.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class RepositoryAPI:
         self._call("POST", f"/v2/repository/models/{model}/unload", {}, f"unload {model}")
 
     def reload(self, model: str) -> None:
-        """Load ``model`` again with fresh instances (new Python-backend stubs), even if nothing changed on disk.
+        """Load ``model`` again with fresh instances (new Python-backend stubs), even if nothing changed on
+        disk.
 
         Triton keeps the instances of a model whose config did not change, so the running config is sent back
         with :data:`isekai.constants.RELOAD_PARAMETER` changed. The old instances serve until the new ones are

@@ -1,14 +1,15 @@
 """Start a real Triton Inference Server on a model repository, without a container.
 
 The PyPI wheel ``nvidia-pytriton`` ships a complete ``tritonserver`` (2.51) with the Python backend and one
-backend stub per CPython version. This module finds that binary (or a ``tritonserver`` already on PATH, as in the
-NGC container), lays out a backend folder whose Python stub matches the running interpreter, and runs Triton with
-the project's environment first on PATH: the stub embeds the first ``python3`` it finds there, and the
-Python models must import ``isekai`` and numpy<2 from this very environment.
+backend stub per CPython version. This module finds that binary (or a ``tritonserver`` already on PATH, as in
+the NGC container), lays out a backend folder whose Python stub matches the running interpreter, and runs
+Triton with the project's environment first on PATH: the stub embeds the first ``python3`` it finds there, and
+the Python models must import ``isekai`` and numpy<2 from this very environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -63,7 +64,8 @@ def _pytriton_install() -> TritonInstall | None:
         shutil.copy2(stub, python_dir / "triton_python_backend_stub")
         marker.write_text(source)
     libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
-    return TritonInstall(binary=binary, backend_dir=backend_dir, library_dirs=(libs,) if libs.exists() else ())
+    return TritonInstall(binary=binary, backend_dir=backend_dir,
+                         library_dirs=(libs,) if libs.exists() else ())
 
 
 def find_tritonserver() -> TritonInstall:
@@ -153,7 +155,8 @@ def repository_argument(repository: Path | str) -> str:
 
 
 def admin_header(admin_key: str) -> tuple[str, str]:
-    """``"HEADER=VALUE"`` or ``"VALUE"`` (header :data:`isekai.constants.ADMIN_KEY_HEADER`) -> ``(header, value)``."""
+    """``"HEADER=VALUE"`` or ``"VALUE"`` (header :data:`isekai.constants.ADMIN_KEY_HEADER`) ->
+    ``(header, value)``."""
     header, _, value = admin_key.partition("=")
     if not value:
         header, value = C.ADMIN_KEY_HEADER, header
@@ -165,9 +168,10 @@ def admin_header(admin_key: str) -> tuple[str, str]:
 def _libpython_dirs() -> list[Path]:
     """The running interpreter's own libpython, for the stub to load.
 
-    The stub links ``libpython3.X.so.1.0`` by soname; without this the loader may find another build of the same
-    minor version (e.g. the OS's 3.11.2 beside a pyenv 3.11.7), and extension modules of this interpreter then fail
-    with undefined symbols (seen: ``_ssl`` needing ``_PyModule_Add``, so ``import diffusers`` failed in a stub).
+    The stub links ``libpython3.X.so.1.0`` by soname; without this the loader may find another build of the
+    same minor version (e.g. the OS's 3.11.2 beside a pyenv 3.11.7), and extension modules of this interpreter
+    then fail with undefined symbols (seen: ``_ssl`` needing ``_PyModule_Add``, so ``import diffusers`` failed
+    in a stub).
     """
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
     if libdir and soname and (Path(libdir) / soname).exists():
@@ -212,7 +216,8 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         """Models ready and every endpoint listening. Triton opens gRPC, then HTTP, then metrics, so HTTP's
-        readiness alone left a moment where /metrics refused connections (seen in CI, reading metrics at once)."""
+        readiness alone left a moment where /metrics refused connections (seen in CI, reading metrics at
+        once)."""
         return answers(f"http://{self.http_url}/v2/health/ready") and answers(self.metrics_url)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -247,10 +252,8 @@ class TritonServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         # Stubs are children in the server's process group: none may outlive it.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

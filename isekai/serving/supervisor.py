@@ -4,11 +4,12 @@ Both need Triton's model-repository API, so the server runs with explicit model 
 start) and that API behind an admin header: the operator's ``--admin-key``, or a random key only this process
 knows, so that by default no caller can load or unload models.
 
-Shutdown, as seen on Triton 2.51: on SIGINT/SIGTERM Triton first closes its HTTP listener and waits for open HTTP
-connections, while gRPC keeps taking new requests and still reports ready; only then does it refuse new work and
-wait for in-flight requests. So :meth:`Supervisor.drain` first unloads the public models: readiness turns false on
-both protocols and new requests are refused at once, while requests already inside them finish (Triton unloads a
-model when its last request is done). When both are gone, or the grace is spent, Triton gets SIGINT for the rest.
+Shutdown, as seen on Triton 2.51: on SIGINT/SIGTERM Triton first closes its HTTP listener and waits for open
+HTTP connections, while gRPC keeps taking new requests and still reports ready; only then does it refuse new
+work and wait for in-flight requests. So :meth:`Supervisor.drain` first unloads the public models: readiness
+turns false on both protocols and new requests are refused at once, while requests already inside them finish
+(Triton unloads a model when its last request is done). When both are gone, or the grace is spent, Triton gets
+SIGINT for the rest.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ _BUSY_STATES = ("READY", "LOADING", "UNLOADING")
 
 
 class Supervisor:
-    """A tritonserver plus its watchdog and drain. ``options`` must use explicit model control and an admin key."""
+    """A tritonserver plus its watchdog and drain. ``options`` must use explicit model control and an admin
+    key."""
 
     def __init__(self, options: ServerOptions, log_path: Path | None = None) -> None:
         if options.model_control != "explicit" or not options.admin_key:
             raise ValueError("the supervisor needs model_control='explicit' and an admin_key")
         self.server = TritonServer(options, log_path=log_path)
-        self.repository = RepositoryAPI(_local_url(options.host, options.http_port), *admin_header(options.admin_key))
+        self.repository = RepositoryAPI(_local_url(options.host, options.http_port),
+                                        *admin_header(options.admin_key))
         self.watchdog: StubWatchdog | None = None
         self.restarts: list[str] = []  # models reloaded after a stub died, in order
 
@@ -70,7 +73,7 @@ class Supervisor:
                     return 1
                 try:
                     self.check_stubs()
-                except Exception:  # noqa: BLE001 - the watchdog failing must not stop the serving
+                except Exception:  # the watchdog failing must not stop the serving
                     log.exception("stub watchdog")
             return self.drain(grace_s)
         finally:
@@ -128,7 +131,8 @@ class Supervisor:
         unload_s = min(max(deadline - time.monotonic(), 1.0), C.SHUTDOWN_UNLOAD_S)
         code = self.server.stop(grace_s=unload_s)
         if code not in (0, -signal.SIGINT):
-            log.warning("tritonserver did not finish unloading within %.0f s (exit %s); stopped it", unload_s, code)
+            log.warning("tritonserver did not finish unloading within %.0f s (exit %s); stopped it", unload_s,
+                        code)
         return 0 if drained else 1
 
 

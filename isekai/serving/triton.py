@@ -5,13 +5,14 @@ Only imported inside Triton's Python-backend stub, where ``triton_python_backend
 Two rules from Triton's python_backend examples, and from what they get wrong:
 - one bad request fails alone: :func:`respond_each` turns a ``ValueError`` into ``INVALID_ARG`` for that
   request and answers the others normally;
-- every model-to-model call goes through :func:`call`, which checks the response it just received for an error and
-  raises with the callee's name.
+- every model-to-model call goes through :func:`call`, which checks the response it just received for an error
+  and raises with the callee's name.
 
-Every BLS call has a deadline (:func:`call`): the calling request's own timeout when its client set one (Triton's
-``timeout`` request parameter, in microseconds, which an ensemble hands to each of its steps), counted from when this
-stage began the request, else :data:`isekai.constants.BLS_TIMEOUT_S` per call. Past it the call raises
-:class:`ModelCallError` naming the callee, and the request fails with INTERNAL instead of hanging on a stuck model.
+Every BLS call has a deadline (:func:`call`): the calling request's own timeout when its client set one
+(Triton's ``timeout`` request parameter, in microseconds, which an ensemble hands to each of its steps),
+counted from when this stage began the request, else :data:`isekai.constants.BLS_TIMEOUT_S` per call. Past it
+the call raises :class:`ModelCallError` naming the callee, and the request fails with INTERNAL instead of
+hanging on a stuck model.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from isekai import constants as C
 
 log = logging.getLogger("isekai")
 
-# Monotonic time (seconds) by which the BLS calls made for the request being handled must be answered; None: no
-# deadline of the request's own (each call gets BLS_TIMEOUT_S). Set by :func:`request_deadline`.
+# Monotonic time (seconds) by which the BLS calls made for the request being handled must be answered; None:
+# no deadline of the request's own (each call gets BLS_TIMEOUT_S). Set by :func:`request_deadline`.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("isekai_bls_deadline", default=None)
 # The id of that request (its client's, or "" when it gave none), for the log line of a call given up.
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("isekai_request_id", default="")
@@ -48,9 +49,9 @@ class ModelCallError(RuntimeError):
         self.invalid_argument = invalid_argument
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reading requests
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def optional_input(request, name: str) -> np.ndarray | None:
     """The named input as numpy, or None when the caller left this optional input out."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -102,9 +103,9 @@ def tensor(name: str, array: np.ndarray) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.ascontiguousarray(array))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Answering requests
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def error_response(err: Exception) -> pb_utils.InferenceResponse:
     invalid = isinstance(err, ValueError) or (isinstance(err, ModelCallError) and err.invalid_argument)
     code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
@@ -120,7 +121,7 @@ def respond_each(
         try:
             with request_deadline(request):
                 responses.append(pb_utils.InferenceResponse(output_tensors=list(handle(request))))
-        except Exception as err:  # noqa: BLE001 - every failure becomes that request's error response
+        except Exception as err:  # every failure becomes that request's error response
             if not isinstance(err, ValueError | ModelCallError):
                 log.exception("%s: request failed", model)
             responses.append(error_response(err))
@@ -136,9 +137,9 @@ def load_config(args: Mapping[str, str]) -> dict:
     return json.loads(args["model_config"])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Calling other models (BLS)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def request_timeout_s(request) -> float | None:
     """The request's own timeout in seconds (its client's ``timeout`` parameter), or None when it set none."""
     timeout_us = getattr(request, "timeout", lambda: 0)()
@@ -147,9 +148,9 @@ def request_timeout_s(request) -> float | None:
 
 @contextlib.contextmanager
 def request_deadline(request) -> Iterator[None]:
-    """While handling ``request``: its BLS calls (:func:`call`) must be answered within its own timeout, counted
-    from now. A stage cannot see when the request reached the server, so each stage gets the whole timeout; the
-    client's own deadline still bounds the request as a whole."""
+    """While handling ``request``: its BLS calls (:func:`call`) must be answered within its own timeout,
+    counted from now. A stage cannot see when the request reached the server, so each stage gets the whole
+    timeout; the client's own deadline still bounds the request as a whole."""
     timeout_s = request_timeout_s(request)
     token = _deadline.set(None if timeout_s is None else time.monotonic() + timeout_s)
     id_token = _request_id.set(getattr(request, "request_id", lambda: "")() or "")
@@ -174,10 +175,10 @@ def _call_timeout_s(model: str) -> tuple[float, str]:
 def _exec(request, model: str, timeout_s: float, why: str):
     """``request.exec()``, given up after ``timeout_s`` seconds.
 
-    The call runs in a thread of its own (Triton's ``async_exec`` does the same: ``exec`` releases the GIL while it
-    waits). A callee that never answers keeps that thread; its late answer is dropped. Triton 2.51 cannot cancel a
-    BLS request, so a stuck callee keeps running: requests calling it fail the same way until it recovers or is
-    reloaded.
+    The call runs in a thread of its own (Triton's ``async_exec`` does the same: ``exec`` releases the GIL
+    while it waits). A callee that never answers keeps that thread; its late answer is dropped. Triton 2.51
+    cannot cancel a BLS request, so a stuck callee keeps running: requests calling it fail the same way until
+    it recovers or is reloaded.
     """
     outcome: dict[str, object] = {}
     done = threading.Event()
@@ -192,7 +193,9 @@ def _exec(request, model: str, timeout_s: float, why: str):
 
     threading.Thread(target=run, name=f"bls-{model}", daemon=True).start()
     if not done.wait(timeout_s):
-        message = f"no answer within {timeout_s:.1f} s ({why}): the model is stuck or far behind; request given up"
+        message = (
+            f"no answer within {timeout_s:.1f} s ({why}): the model is stuck or far behind; request given up"
+        )
         log.error("%s: %s (request id %r)", model, message, _request_id.get())
         raise ModelCallError(model, message, False)
     if "error" in outcome:
@@ -209,12 +212,13 @@ def call(
 ) -> dict[str, np.ndarray]:
     """Run ``model`` on ``inputs`` through BLS and return the requested outputs as numpy.
 
-    ``parameters`` travel as the request's parameters (the callee reads ``request.parameters()``, a JSON object).
-    The call has a deadline (see the module docstring), which also goes to the callee as Triton's request timeout
-    (microseconds): a callee whose queue policy allows timeout overrides drops it from its queue once it has passed.
+    ``parameters`` travel as the request's parameters (the callee reads ``request.parameters()``, a JSON
+    object). The call has a deadline (see the module docstring), which also goes to the callee as Triton's
+    request timeout (microseconds): a callee whose queue policy allows timeout overrides drops it from its
+    queue once it has passed.
 
-    Raises :class:`ModelCallError` naming ``model`` when the response it just received carries an error, or when
-    no response came before the deadline.
+    Raises :class:`ModelCallError` naming ``model`` when the response it just received carries an error, or
+    when no response came before the deadline.
     """
     started = time.perf_counter()
     timeout_s, why = _call_timeout_s(model)

@@ -1,14 +1,15 @@
-"""A TensorRT plan behind onnxruntime's ``InferenceSession`` surface, for the ``tensorrt`` profile's Python models.
+"""A TensorRT plan behind onnxruntime's ``InferenceSession`` surface, for the ``tensorrt`` profile's Python
+models.
 
-Triton's own ``tensorrt_plan`` backend serves one plan per model; the unet and text_encoder of the ``tensorrt``
-profile must pick a plan per request (the base's, or a character's own: see :mod:`isekai.export.tensorrt`), so they
-run in the Python backend through :mod:`isekai.serving.onnx_model` with ``runtime: tensorrt``, which opens plans
-with this class instead of onnxruntime sessions.
+Triton's own ``tensorrt_plan`` backend serves one plan per model; the unet and text_encoder of the
+``tensorrt`` profile must pick a plan per request (the base's, or a character's own: see
+:mod:`isekai.export.tensorrt`), so they run in the Python backend through :mod:`isekai.serving.onnx_model`
+with ``runtime: tensorrt``, which opens plans with this class instead of onnxruntime sessions.
 
-Written against TensorRT 10's Python API (``Runtime.deserialize_cuda_engine``, the named-tensor execution context:
-``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) and cuda-python's runtime bindings for device
-memory (``cudaMalloc``, ``cudaMemcpyAsync``, streams), both in the isekai image (k8s/Dockerfile). It needs a GPU:
-its tests skip without one.
+Written against TensorRT 10's Python API (``Runtime.deserialize_cuda_engine``, the named-tensor execution
+context: ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) and cuda-python's runtime bindings
+for device memory (``cudaMalloc``, ``cudaMemcpyAsync``, streams), both in the isekai image (k8s/Dockerfile).
+It needs a GPU: its tests skip without one.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class TrtSession:
 
         plan = Path(plan)
         if not plan.is_file():
-            raise FileNotFoundError(f"{plan} does not exist: build it with `isekai export tensorrt --repository ...`")
+            raise FileNotFoundError(f"{plan} does not exist: build it with "
+                                    "`isekai export tensorrt --repository ...`")
         self._trt = trt
         _check(_cudart().cudaSetDevice(device_id), "cudaSetDevice")
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -96,7 +98,8 @@ class TrtSession:
     def get_outputs(self) -> list[TensorInfo]:
         return [TensorInfo(n, tuple(self.engine.get_tensor_shape(n))) for n in self._outputs]
 
-    def run(self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+    def run(self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray],
+            run_options=None) -> list[np.ndarray]:
         """Run the plan on ``feeds``; ``run_options`` is accepted for onnxruntime's signature and ignored."""
         cudart = _cudart()
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -106,7 +109,8 @@ class TrtSession:
                 host = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
                 hosts[name] = host  # kept alive until the stream is synchronised
                 ptr = self._buffers[name].reserve(host.nbytes)
-                _check(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, h2d, self.stream), "copy in")
+                _check(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, h2d, self.stream),
+                       "copy in")
                 if not self.context.set_input_shape(name, host.shape):
                     raise ValueError(f"input {name} shape {list(host.shape)} is outside the plan's profile")
                 self.context.set_tensor_address(name, ptr)
@@ -126,7 +130,7 @@ class TrtSession:
 
     def __del__(self) -> None:
         for buffer in getattr(self, "_buffers", {}).values():
-            try:
+            try:  # noqa: SIM105 - runs at interpreter exit too, where contextlib may be gone
                 buffer.free()
             except Exception:  # noqa: BLE001 - the CUDA context may already be gone at interpreter exit
                 pass

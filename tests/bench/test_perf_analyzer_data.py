@@ -1,4 +1,5 @@
-"""scripts/perf-analyzer's request data: Triton's serialized BYTES form and perf_analyzer's --input-data JSON."""
+"""scripts/perf-analyzer's request data: Triton's serialized BYTES form and perf_analyzer's --input-data
+JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import base64
 import struct
 
 from bench.perf_analyzer import input_data, parse_csv, serialize_bytes
-
 from isekai.client import api
 
 
@@ -28,7 +28,8 @@ def test_input_data_sends_the_photo_as_b64_of_the_serialized_tensor_with_shapes(
 
 
 def test_csv_latencies_become_ms():
-    text = ("Concurrency,Inferences/Second,Client Send,p50 latency,p90 latency,p95 latency,p99 latency,Avg latency\n"
+    text = ("Concurrency,Inferences/Second,Client Send,p50 latency,p90 latency,p95 latency,p99 latency,"
+            "Avg latency\n"
             "2,3.5,10,120000,150000,160000,200000,125000\n")
     row = parse_csv(text)
     assert row == {"concurrency": 2, "throughput_rps": 3.5, "p50_ms": 120.0, "p90_ms": 150.0, "p95_ms": 160.0,

@@ -1,7 +1,7 @@
 """``python -m bench.upscale --quick`` end to end, so its code cannot rot: every row it promises, no timings.
 
-The quick run exports the tiny RRDBNet with the project's exporter and measures it on the 1920x1080 scene shrunk to
-240x135, untiled and in tiles of 64, each in its own process. Speed is never asserted (DESIGN.md).
+The quick run exports the tiny RRDBNet with the project's exporter and measures it on the 1920x1080 scene
+shrunk to 240x135, untiled and in tiles of 64, each in its own process. Speed is never asserted (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from tests.conftest import CACHE, ROOT
 
 
 def test_quick_run_writes_the_table(tmp_path):
-    cmd = [sys.executable, "-m", "bench.upscale", "--quick", "--scenes", "1080", "--cache", str(CACHE / "bench"),
-           "--output", str(tmp_path)]
+    cmd = [sys.executable, "-m", "bench.upscale", "--quick", "--scenes", "1080", "--cache",
+           str(CACHE / "bench"), "--output", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     md = (tmp_path / "upscale-quick.md").read_text()

@@ -1,5 +1,5 @@
-"""``isekai serve`` as a subprocess of the venv's own ``isekai`` on free loopback ports, for the tests that need
-the real command (its supervisor, its signal handling), not only a tritonserver."""
+"""``isekai serve`` as a subprocess of the venv's own ``isekai`` on free loopback ports, for the tests that
+need the real command (its supervisor, its signal handling), not only a tritonserver."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class IsekaiServe:
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.args = args
         self.process: subprocess.Popen | None = None
-        self.triton: int | None = None  # tritonserver's pid (its own process group: isekai serve starts it so)
+        # tritonserver's pid (its own process group: isekai serve starts it so)
+        self.triton: int | None = None
 
     @property
     def grpc_url(self) -> str:

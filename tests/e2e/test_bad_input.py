@@ -1,8 +1,9 @@
-"""Bad requests over gRPC: each fails alone with INVALID_ARGUMENT naming the input, and the server keeps serving.
+"""Bad requests over gRPC: each fails alone with INVALID_ARGUMENT naming the input, and the server keeps
+serving.
 
-Raw tensors go through plain tritonclient, so the cases include what IsekaiClient would never send (wrong dtype,
-wrong shape, a missing required input). Photos that are unusual but valid (animated GIF, multi-page TIFF, 16-bit,
-CMYK) are converted as the README documents; a click on nothing is an answer, not an error.
+Raw tensors go through plain tritonclient, so the cases include what IsekaiClient would never send (wrong
+dtype, wrong shape, a missing required input). Photos that are unusual but valid (animated GIF, multi-page
+TIFF, 16-bit, CMYK) are converted as the README documents; a click on nothing is an answer, not an error.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def rgb(astronaut_png) -> np.ndarray:
 
 
 def request(photo: bytes, /, **changes) -> dict[str, np.ndarray]:
-    """A good request's arrays (the astronaut click), changed by ``changes`` as given (None drops an input)."""
+    """A good request's arrays (the astronaut click), changed by ``changes`` as given (None drops an
+    input)."""
     arrays = {
         api.IMAGE: np.array([photo], dtype=np.object_),
         api.POINTS: np.array([ASTRONAUT_CLICK], dtype=np.float32),
@@ -74,7 +76,12 @@ def png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -129,7 +136,8 @@ def f32(*values) -> np.ndarray:
 
 
 CLICK_CASES = {  # case -> (changes to a good request, the input the message must name)
-    "no click and no box": (dict(points=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int32)), "points"),
+    "no click and no box": (dict(points=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int32)),
+                            "points"),
     "only a negative click": (dict(labels=np.array([0], np.int32)), "labels"),
     "click outside the image": (dict(points=f32([600.0, 300.0])), "points"),
     "click with a negative x": (dict(points=f32([-1.0, 300.0])), "points"),
@@ -195,7 +203,7 @@ def test_bad_options_are_refused_naming_the_input(triton, astronaut_png, case, t
     expect_invalid(triton, SWAP, request(astronaut_png, **changes), name, case)
 
 
-# -- raw tensors a plain tritonclient can send ----------------------------------------------------------------
+# -- raw tensors a plain tritonclient can send ---------------------------------------------------------------
 RAW_CASES = {  # case -> (changes, dtype overrides, the input the message must name, models)
     "points as FP64": (dict(points=np.array([ASTRONAUT_CLICK], np.float64)), {"points": "FP64"}, "points"),
     "labels as FP32": (dict(labels=np.array([1.0], np.float32)), {"labels": "FP32"}, "labels"),
@@ -229,7 +237,7 @@ def test_a_good_swap_after_all_the_bad_requests(triton, astronaut_png):
     assert result.shape == (512, 512, 3)
 
 
-# -- a click on nothing ---------------------------------------------------------------------------------------
+# -- a click on nothing --------------------------------------------------------------------------------------
 # On the small random-weight SAM, a dark strip with a corner click and an "all background" mask_input gives a
 # mask far below PERSON_MIN_AREA_FRACTION once cleaned (searched once; checked below before it is relied on).
 NOTHING_PHOTO = np.zeros((32, 512, 3), np.uint8)
@@ -244,7 +252,8 @@ def test_click_on_nothing_returns_the_photo_unchanged(triton):
     sam_mask = np.asarray(Image.open(io.BytesIO(seg.as_numpy(api.MASK)[0]))) > 127
     cleaned = M.clean(sam_mask, np.array([NOTHING_CLICK]), np.array([1]))
     assert not M.person_found(cleaned), (
-        f"the small SAM now finds {M.area_fraction(cleaned):.4%} of the photo here: pick another click on nothing")
+        f"the small SAM now finds {M.area_fraction(cleaned):.4%} of the photo here: pick another click on "
+        "nothing")
     out = infer(triton, SWAP, {**arrays, api.STEPS: np.array([2], np.int32)})
     result, background = out.as_numpy(api.RESULT)[0], out.as_numpy(api.BACKGROUND)[0]
     assert result == background

@@ -4,8 +4,8 @@ One tritonserver on a private copy of the demo repository, whose unet keeps at m
 loaded (so the least-recently-used unloading is seen). Characters registered by the module:
 
 - ``hero``: a diffusers-layout LoRA on the attention layers and the text encoder;
-- ``hero-fused``: the same LoRA fused into the base by diffusers (``load_lora_weights`` + ``fuse_lora``) and saved
-  as a full fine-tune folder: a LoRA character must draw what its fused fine-tune draws;
+- ``hero-fused``: the same LoRA fused into the base by diffusers (``load_lora_weights`` + ``fuse_lora``) and
+  saved as a full fine-tune folder: a LoRA character must draw what its fused fine-tune draws;
 - ``tuned``: another full fine-tune (other UNet weights);
 - the demo's ``default`` (prompt) and ``lora-demo`` (a kohya LoRA on every layer).
 """
@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import data
 from tritonclient.utils import InferenceServerException
 
 from isekai import constants as C
+from isekai.cli import main
 from isekai.client.client import IsekaiClient
 from isekai.client.stats import prometheus_values
 from isekai.ensemble import characters as chars
@@ -49,7 +51,8 @@ def served(demo_repository, tmp_path_factory):
     root = tmp_path_factory.mktemp("characters")
     repository = copy_repository(demo_repository, root / "repository")
     config = repository / C.UNET_MODEL / "config.pbtxt"
-    text, n = re.subn(r'(key: "character_graph_bytes" value: \{ string_value: )"\d+"', r'\1"1"', config.read_text())
+    text, n = re.subn(r'(key: "character_graph_bytes" value: \{ string_value: )"\d+"', r'\1"1"',
+                      config.read_text())
     assert n == 1, "unet/config.pbtxt has no character_graph_bytes parameter"
     config.write_text(text)
 
@@ -57,8 +60,8 @@ def served(demo_repository, tmp_path_factory):
     base = characters.Base.load(repository)
     unet = random_factors(attention_only(base.slots[C.UNET_MODEL]), rank=4, seed=11)
     text_encoder = random_factors(base.slots[C.TEXT_ENCODER_MODEL], rank=4, seed=12)
-    lora = write_lora(root / "hero" / "pytorch_lora_weights.safetensors", unet, text_encoder, layout="diffusers",
-                      alpha=8.0, text_model_prefix=False)
+    lora = write_lora(root / "hero" / "pytorch_lora_weights.safetensors", unet, text_encoder,
+                      layout="diffusers", alpha=8.0, text_model_prefix=False)
     characters.add_lora_character(repository, "hero", lora, "a photo of sks girl", "blurry")
     characters.add_full_character(repository, "hero-fused", fused(base_folder, lora, root / "hero-fused"),
                                   "a photo of sks girl", "blurry")
@@ -70,10 +73,12 @@ def served(demo_repository, tmp_path_factory):
 
 
 def fused(base_folder, lora, target):
-    """The base with the LoRA fused in by diffusers, saved as a full fine-tune (what a merge script writes)."""
-    from diffusers import StableDiffusionPipeline
+    """The base with the LoRA fused in by diffusers, saved as a full fine-tune (what a merge script
+    writes)."""
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 - diffusers is heavy, only when asked
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(base_folder), local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_folder), local_files_only=True,
+                                                   safety_checker=None)
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -98,7 +103,8 @@ def test_the_server_lists_its_characters(client):
     listed = {c.name: c for c in client.characters()}
     assert {"default", "lora-demo", "hero", "hero-fused", "tuned"} <= set(listed)
     assert listed["default"].default and not listed["hero"].default
-    assert (listed["hero"].kind, listed["hero-fused"].kind, listed["default"].kind) == ("lora", "full", "prompt")
+    assert ((listed["hero"].kind, listed["hero-fused"].kind, listed["default"].kind)
+            == ("lora", "full", "prompt"))
     assert listed["hero"].prompt == "a photo of sks girl" and all(c.drawable for c in listed.values())
     assert [c.name for c in client.characters("hero")] == ["hero"]
     with pytest.raises(InferenceServerException, match="'nobody' is not registered"):
@@ -130,8 +136,8 @@ def test_requests_without_character_draw_the_default(client, served, astronaut_p
 
 
 def test_concurrent_requests_of_different_characters_never_mix(client, astronaut_png):
-    jobs = [dict(character="hero", seed=1), dict(character="lora-demo", seed=1), dict(character="hero", seed=2),
-            dict(character="tuned", seed=1)]
+    jobs = [dict(character="hero", seed=1), dict(character="lora-demo", seed=1),
+            dict(character="hero", seed=2), dict(character="tuned", seed=1)]
     alone = [swap(client, astronaut_png, **job).result for job in jobs]
     together: list[bytes | None] = [None] * len(jobs)
 
@@ -154,7 +160,9 @@ def weights_metrics(server) -> dict[str, float]:
 
 def test_full_fine_tunes_load_on_first_use_and_unload_least_recently_used(client, served, astronaut_png):
     server, repository = served
-    graph = sum(f.stat().st_size for f in (chars.characters_dir(repository) / "tuned" / C.UNET_MODEL).iterdir())
+    graph = sum(
+        f.stat().st_size for f in (chars.characters_dir(repository) / "tuned" / C.UNET_MODEL).iterdir()
+    )
     swap(client, astronaut_png, character="hero-fused")  # loaded (or already held)
     before = weights_metrics(server)
     swap(client, astronaut_png, character="tuned")  # the budget holds one graph: hero-fused goes
@@ -171,7 +179,8 @@ def unet_stub(server) -> int:
     return stubs[0]
 
 
-def test_characters_added_and_removed_while_serving_without_reloading_unet(client, served, astronaut_png, tmp_path):
+def test_characters_added_and_removed_while_serving_without_reloading_unet(client, served, astronaut_png,
+                                                                           tmp_path):
     server, repository = served
     stub = unet_stub(server)
     base = characters.Base.load(repository)
@@ -204,28 +213,27 @@ def test_characters_added_and_removed_while_serving_without_reloading_unet(clien
 
 def test_a_character_of_another_base_is_refused_by_name(client, served, astronaut_png):
     _, repository = served
-    embeddings = np.zeros((2, C.SD_TOKEN_LENGTH, chars.PipelineConfig.load(repository).text_hidden_size), np.float32)
+    embeddings = np.zeros((2, C.SD_TOKEN_LENGTH, chars.PipelineConfig.load(repository).text_hidden_size),
+                          np.float32)
     chars.write_character(repository, chars.Character("stranger", "p", "", embeddings), "0" * 64)
-    with pytest.raises(InferenceServerException, match="'stranger' was registered on another base model") as err:
+    with pytest.raises(
+        InferenceServerException, match="'stranger' was registered on another base model"
+    ) as err:
         swap(client, astronaut_png, character="stranger")
     assert "INVALID_ARG" in str(err.value.status())
     assert "another base model" in {c.name: c for c in client.characters()}["stranger"].problem
 
 
 def test_a_character_trained_from_photos_serves(client, served, astronaut_png, tmp_path):
-    from skimage import data
-
-    from isekai.cli import main
-
     _, repository = served
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, (y, x) in enumerate([(0, 0), (64, 96), (128, 32)]):
         Image.fromarray(data.astronaut()[y : y + 256, x : x + 256]).save(photos / f"{i}.png")
     torch.set_num_threads(1)
-    code = main(["character", "train", "trained", "--images", str(photos), "--base", str(CACHE / "checkpoints" /
-                 "sd-tiny"), "--prompt", "a photo of sks girl", "--steps", "2", "--resolution", "64",
-                 "--output", str(tmp_path / "run"), "--repository", str(repository)])
+    code = main(["character", "train", "trained", "--images", str(photos), "--base",
+                 str(CACHE / "checkpoints" / "sd-tiny"), "--prompt", "a photo of sks girl", "--steps", "2",
+                 "--resolution", "64", "--output", str(tmp_path / "run"), "--repository", str(repository)])
     assert code == 0
     listed = {c.name: c for c in client.characters()}
     assert listed["trained"].kind == "lora" and "diffusers" in listed["trained"].source

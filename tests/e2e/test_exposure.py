@@ -1,5 +1,5 @@
-"""What ``isekai serve`` exposes: loopback only unless ``--host``; the model-repository, trace and logging APIs
-closed by default, and open only to callers sending ``--admin-key`` when it is given."""
+"""What ``isekai serve`` exposes: loopback only unless ``--host``; the model-repository, trace and logging
+APIs closed by default, and open only to callers sending ``--admin-key`` when it is given."""
 
 from __future__ import annotations
 
@@ -71,12 +71,15 @@ def repository_calls_refused(grpc_url: str, http_url: str, grpc_headers=None, ht
         "gRPC index": lambda: g.get_model_repository_index(headers=grpc_headers),
         "gRPC unload": lambda: g.unload_model(C.SAM_DECODER_MODEL, headers=grpc_headers),
         "gRPC load": lambda: g.load_model(C.SAM_DECODER_MODEL, headers=grpc_headers),
-        "gRPC trace settings": lambda: g.update_trace_settings(settings={"trace_rate": "1"}, headers=grpc_headers),
-        "gRPC log settings": lambda: g.update_log_settings(settings={"log_verbose_level": 1}, headers=grpc_headers),
+        "gRPC trace settings": lambda: g.update_trace_settings(settings={"trace_rate": "1"},
+                                                               headers=grpc_headers),
+        "gRPC log settings": lambda: g.update_log_settings(settings={"log_verbose_level": 1},
+                                                           headers=grpc_headers),
         "HTTP index": lambda: h.get_model_repository_index(headers=http_headers),
         "HTTP unload": lambda: h.unload_model(C.SAM_DECODER_MODEL, headers=http_headers),
         "HTTP load": lambda: h.load_model(C.SAM_DECODER_MODEL, headers=http_headers),
-        "HTTP log settings": lambda: h.update_log_settings(settings={"log_verbose_level": 1}, headers=http_headers),
+        "HTTP log settings": lambda: h.update_log_settings(settings={"log_verbose_level": 1},
+                                                           headers=http_headers),
     }
     for name, call in calls.items():
         with pytest.raises(InferenceServerException) as refused:
@@ -101,7 +104,9 @@ def test_admin_key_opens_the_repository_api_to_its_holders_only(keyed_serve, ast
     repository_calls_refused(keyed_serve.grpc_url, keyed_serve.http_url)  # without the header
     g = grpcclient.InferenceServerClient(keyed_serve.grpc_url)
     h = httpclient.InferenceServerClient(keyed_serve.http_url)
-    states = {m["name"]: m["state"] for m in g.get_model_repository_index(headers=GRPC_KEY, as_json=True)["models"]}
+    states = {
+        m["name"]: m["state"] for m in g.get_model_repository_index(headers=GRPC_KEY, as_json=True)["models"]
+    }
     assert states[C.SEGMENT_MODEL] == "READY"
     g.unload_model(C.SEGMENT_MODEL, headers=GRPC_KEY)
     assert not h.is_model_ready(C.SEGMENT_MODEL)

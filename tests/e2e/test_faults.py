@@ -1,8 +1,10 @@
-"""Faults inside a running server: a full embedding cache, a UNet raising mid-loop, a stub killed with SIGKILL.
+"""Faults inside a running server: a full embedding cache, a UNet raising mid-loop, a stub killed with
+SIGKILL.
 
-One ``isekai serve`` (the real command, with its supervisor) on a private copy of the small-checkpoint repository,
-changed in two places: the embedding cache keeps at most 2 embeddings, and unet's model.py is a test-only
-subclass that raises in its K-th call once a marker file appears (production code has no fault switch).
+One ``isekai serve`` (the real command, with its supervisor) on a private copy of the small-checkpoint
+repository, changed in two places: the embedding cache keeps at most 2 embeddings, and unet's model.py is a
+test-only subclass that raises in its K-th call once a marker file appears (production code has no fault
+switch).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ pytestmark = pytest.mark.e2e
 CACHE_ENTRIES = 2
 EMBEDDING_BYTES = 4 * C.SAM_EMBEDDING_CHANNELS * C.SAM_EMBEDDING_SIZE**2  # float32 [1, 256, 64, 64]
 FAIL_AT_STEP = 3
-FAILING_UNET = '''"""Test-only unet: the exported graph, whose K-th call raises after fail_at (holding K) appears."""
+FAILING_UNET = (
+    '"""Test-only unet: the exported graph, whose K-th call raises after fail_at (holding K) appears."""'
+    '''
 from pathlib import Path
 
 from isekai.serving.onnx_model import TritonPythonModel as OnnxModel
@@ -51,6 +55,7 @@ class TritonPythonModel(OnnxModel):
                 raise RuntimeError("injected unet failure (test)")
         return super().execute(requests)
 '''
+)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +177,8 @@ def test_killed_stub_fails_its_request_and_the_model_comes_back(faulty, client, 
     assert np.asarray(Image.open(io.BytesIO(out.result))).shape == (512, 512, 3)
     log_text = faulty.log.read_text()
     assert "stub of model 'unet' died" in log_text
-    assert "has been a zombie for" in log_text or "has had no live stub for" in log_text, "the log says no reason"
+    assert "has been a zombie for" in log_text or "has had no live stub for" in log_text, (
+        "the log says no reason"
+    )
     print(f"\nkill -9 unet stub: in-flight request failed with '{error.message()}'; served again "
           f"{recovered:.1f} s after the kill")

@@ -1,5 +1,6 @@
-"""Bounded load runs with zero errors: concurrent clients over loopback gRPC, mostly isekai_segment (mixed photos,
-repeated clicks) plus some isekai swaps; then the same while sam_decoder is reloaded through the repository API.
+"""Bounded load runs with zero errors: concurrent clients over loopback gRPC, mostly isekai_segment (mixed
+photos, repeated clicks) plus some isekai swaps; then the same while sam_decoder is reloaded through the
+repository API.
 
 The server is ``isekai serve --admin-key``: explicit model control with the repository API behind the key. The
 counts are printed (``pytest -s``) for the closing note; the load generator is :mod:`isekai.client.load`.
@@ -18,6 +19,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from isekai import constants as C
+from isekai.cli import main
 from isekai.client.load import LoadMix, Photo, run_load
 from isekai.serving.stubs import server_stubs
 from tests.conftest import ASTRONAUT_CLICK, png_bytes
@@ -93,22 +95,24 @@ def test_load_run_while_a_model_is_reloaded_has_zero_failed_requests(serve, mix)
     reloader = threading.Thread(target=reload_until, args=(serve, stop, 1.0, reloads))
     reloader.start()
     try:
-        report = run_load(serve.grpc_url, REQUESTS, CONCURRENCY, DURATION_S, LoadMix(**{**mix.__dict__, "seed": 12}))
+        report = run_load(serve.grpc_url, REQUESTS, CONCURRENCY, DURATION_S,
+                          LoadMix(**{**mix.__dict__, "seed": 12}))
     finally:
         stop.set()
         reloader.join()
     after = {s.pid for s in server_stubs(triton) if s.model == C.SAM_DECODER_MODEL and not s.zombie}
     took = ", ".join(f"{r:.1f}" for r in reloads)
-    print(f"\nload run while sam_decoder was reloaded {len(reloads)} times ({took} s each):\n{report.table()}")
+    print(
+        f"\nload run while sam_decoder was reloaded {len(reloads)} times ({took} s each):\n{report.table()}"
+    )
     assert len(reloads) >= 3 and after and not after & before, "sam_decoder was not really reloaded"
     assert report.ok, report.table()
     assert "died" not in serve.log.read_text(), "the supervisor took a reload for a crash"
 
 
 def test_isekai_load_cli_prints_the_run_and_tritons_account_of_it(serve, astronaut_png, tmp_path, capsys):
-    """``isekai load ... --metrics-url``: the client's counts and latencies, then Triton's queue vs compute per model."""
-    from isekai.cli import main
-
+    """``isekai load ... --metrics-url``: the client's counts and latencies, then Triton's queue vs compute
+    per model."""
     photo = tmp_path / "astronaut.png"
     photo.write_bytes(astronaut_png)
     x, y = ASTRONAUT_CLICK

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from PIL import Image
+from skimage import data
 
 from isekai import constants as C
 from isekai.client.stats import cache_counters, model_stats, stats_delta
@@ -39,7 +43,7 @@ def predictor(demo_repository):
     spec = importlib.util.spec_from_file_location("reference_sam", path)
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
-    from isekai.export.sam import load_sam
+    from isekai.export.sam import load_sam  # noqa: PLC0415 - torch-heavy, and only after reference_sam's import
 
     return reference.SamPredictor(load_sam(CACHE / "checkpoints" / "sam_tiny.pth"))
 
@@ -68,16 +72,13 @@ def assert_same_mask(got: np.ndarray, want: np.ndarray) -> None:
 @pytest.fixture()
 def fresh_photo(request):
     """The astronaut, made unique per test (bytes no other test sent, so the cache has never seen them)."""
-    from skimage import data
-
     rgb = data.astronaut().copy()
     rgb[0, 0] = (zlib.crc32(request.node.name.encode()) % 251, 7, 11)
     return rgb, png_bytes(rgb)
 
 
-def test_second_click_costs_only_the_decoder_and_matches_sam_predictor(server, client, predictor, fresh_photo):
-    import tritonclient.grpc as grpcclient
-
+def test_second_click_costs_only_the_decoder_and_matches_sam_predictor(server, client, predictor,
+                                                                       fresh_photo):
     rgb, photo = fresh_photo
     stats = grpcclient.InferenceServerClient(server.grpc_url)
     s0, c0 = model_stats(stats), cache_counters(server.metrics_url)
@@ -105,7 +106,9 @@ def test_negative_click_removes_a_region_as_sam_predictor_does(client, predictor
     with_negative = decode_mask(client.segment(photo, [ASTRONAUT_CLICK], negatives=[NEGATIVE_CLICK]).mask)
     want, _, _ = expected(predictor, rgb, [ASTRONAUT_CLICK, NEGATIVE_CLICK], [1, 0])
     assert_same_mask(with_negative, want)
-    assert positive[int(NEGATIVE_CLICK[1]), int(NEGATIVE_CLICK[0])], "the negative click must be on the first mask"
+    assert positive[int(NEGATIVE_CLICK[1]), int(NEGATIVE_CLICK[0])], (
+        "the negative click must be on the first mask"
+    )
     assert (positive & ~with_negative).sum() > 0, "the negative click removed nothing"
 
 
@@ -115,14 +118,13 @@ def test_low_res_mask_fed_back_changes_the_result_as_sam_predictor_does(client, 
     first = session.click(ASTRONAUT_CLICK)
     second = session.click(SECOND_CLICK)  # sends first.low_res_mask as mask_input
     without = client.segment(photo, [ASTRONAUT_CLICK, SECOND_CLICK])
-    want, _, _ = expected(predictor, rgb, [ASTRONAUT_CLICK, SECOND_CLICK], [1, 1], mask_input=first.low_res_mask)
+    want, _, _ = expected(predictor, rgb, [ASTRONAUT_CLICK, SECOND_CLICK], [1, 1],
+                          mask_input=first.low_res_mask)
     assert_same_mask(decode_mask(second.mask), want)
     assert second.mask != without.mask, "mask_input made no difference"
 
 
 def test_generate_after_clicks_gives_the_same_mask_and_does_not_encode_the_photo(server, client, fresh_photo):
-    import tritonclient.grpc as grpcclient
-
     _, photo = fresh_photo
     stats = grpcclient.InferenceServerClient(server.grpc_url)
     # Two clicks, the second fed the first's low_res_mask, as an interactive session does before generating.
@@ -143,9 +145,6 @@ def test_generate_after_clicks_gives_the_same_mask_and_does_not_encode_the_photo
 
 def test_segment_and_run_commands_give_the_same_mask(server, tmp_path, fresh_photo):
     """The command-line loop: `isekai segment` twice (the second refines the first), then `isekai run`."""
-    import subprocess
-    import sys
-
     _, photo = fresh_photo
     (tmp_path / "photo.png").write_bytes(photo)
 

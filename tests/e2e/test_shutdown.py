@@ -1,5 +1,5 @@
-"""``isekai serve`` on SIGTERM/SIGINT: readiness goes false and new requests are refused at once, the requests in
-flight finish (gRPC and HTTP), the process exits 0 and leaves no stub behind; the grace bounds the drain.
+"""``isekai serve`` on SIGTERM/SIGINT: readiness goes false and new requests are refused at once, the requests
+in flight finish (gRPC and HTTP), the process exits 0 and leaves no stub behind; the grace bounds the drain.
 
 (``tests/k8s/test_entrypoint.py`` covers the container's entrypoint, where tritonserver itself gets SIGTERM.)
 """

@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from PIL import Image, ImageFilter
 
 from isekai.client import api
@@ -51,8 +53,6 @@ def test_same_seed_same_bytes_and_other_seed_differs(client, astronaut_png):
 
 
 def test_second_click_served_from_embedding_cache(server, client, astronaut_png):
-    import tritonclient.grpc as grpcclient
-
     stats = grpcclient.InferenceServerClient(server.grpc_url)
     fresh = png_bytes(np.asarray(decode(astronaut_png))[::-1].copy())  # bytes no earlier test sent
     before, c0 = model_stats(stats), cache_counters(server.metrics_url)
@@ -99,8 +99,6 @@ def test_photo_variants(client, astronaut_png, make):
 
 
 def test_http_gives_the_same_result_as_grpc(server, client, astronaut_png):
-    import tritonclient.http as httpclient
-
     grpc_out = client.swap(astronaut_png, [ASTRONAUT_CLICK], **FAST)
     http = httpclient.InferenceServerClient(server.http_url, network_timeout=600)
     inputs = []

@@ -1,8 +1,9 @@
 """The optional ``upscale`` input end to end: a real tritonserver on the small checkpoints, over gRPC.
 
-The demo repository's graph is a tiny x4 RRDBNet, so ``upscale`` 4 runs it as it is and ``upscale`` 2 runs it and
-halves the result with Lanczos (Real-ESRGAN's --outscale). A second server on the same repository without the graph
-shows that such a repository still starts, serves ``upscale`` 1, and refuses 2 naming what to export.
+The demo repository's graph is a tiny x4 RRDBNet, so ``upscale`` 4 runs it as it is and ``upscale`` 2 runs it
+and halves the result with Lanczos (Real-ESRGAN's --outscale). A second server on the same repository without
+the graph shows that such a repository still starts, serves ``upscale`` 1, and refuses 2 naming what to
+export.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from tritonclient.utils import InferenceServerException
 
 from isekai import constants as C
 from isekai.client import api
+from isekai.client.client import IsekaiClient
 from isekai.client.stats import model_stats, stats_delta
 from tests.conftest import ASTRONAUT_CLICK, png_bytes, start_server
 
 pytestmark = pytest.mark.e2e
 
 FAST = {"steps": 2, "seed": 5}  # wiring and sizes, not image quality
-# The astronaut at half size, clicked at the same spot: x4 of it costs the tiny graph a quarter of the full photo's.
+# The astronaut at half size, clicked at the same spot: x4 of it costs the tiny graph a quarter of the full
+# photo's.
 HALF_CLICK = (ASTRONAUT_CLICK[0] / 2, ASTRONAUT_CLICK[1] / 2)
 
 
@@ -70,7 +73,8 @@ def swap_arrays(photo: bytes, click=HALF_CLICK, **options) -> dict[str, np.ndarr
     return arrays
 
 
-def refused(triton, model: str, arrays: dict[str, np.ndarray], outputs, dtypes=api.DTYPES) -> InferenceServerException:
+def refused(triton, model: str, arrays: dict[str, np.ndarray], outputs,
+            dtypes=api.DTYPES) -> InferenceServerException:
     inputs = []
     for name, value in arrays.items():
         t = grpcclient.InferInput(name, list(value.shape), dtypes[name])
@@ -110,13 +114,17 @@ def test_a_result_beyond_the_pixel_limit_is_refused_before_any_model(triton):
     before = model_stats(triton)
     err = refused(triton, api.SWAP_MODEL, swap_arrays(photo, upscale=4), api.SWAP_OUTPUTS)
     assert err.status() == "StatusCode.INVALID_ARGUMENT", err.message()
-    assert f"upscale: x4 of a {side}x{side + 1} (HxW) image would be {4 * side}x{4 * (side + 1)}" in err.message()
+    assert (
+        f"upscale: x4 of a {side}x{side + 1} (HxW) image would be {4 * side}x{4 * (side + 1)}"
+        in err.message()
+    )
     ran = {name for name, d in stats_delta(before, model_stats(triton)).items() if d.inferences}
     assert not ran & {C.SAM_ENCODER_MODEL, C.SAM_DECODER_MODEL, C.UPSCALE_MODEL}, ran
 
 
 def test_a_result_bigger_than_a_tile_is_upscaled_tile_by_tile(client, triton, astronaut):
-    """A 320x540 photo: the x4 graph's input is cut into two tiles (512 and 28 wide, each with 10 of context)."""
+    """A 320x540 photo: the x4 graph's input is cut into two tiles (512 and 28 wide, each with 10 of
+    context)."""
     wide = png_bytes(np.pad(astronaut[:320], ((0, 0), (0, 540 - 512), (0, 0)), mode="reflect"))
     before = model_stats(triton)
     out = client.swap(wide, [(ASTRONAUT_CLICK[0], 200.0)], upscale=2, **FAST)
@@ -126,7 +134,7 @@ def test_a_result_bigger_than_a_tile_is_upscaled_tile_by_tile(client, triton, as
     assert stats_delta(before, model_stats(triton))[C.UPSCALE_MODEL].inferences == 1 + 2
 
 
-# -- a repository without the graph ---------------------------------------------------------------------------
+# -- a repository without the graph --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def no_graph_server(demo_repository: Path, tmp_path_factory):
     repository = tmp_path_factory.mktemp("no-upscale") / "model_repository"
@@ -137,10 +145,9 @@ def no_graph_server(demo_repository: Path, tmp_path_factory):
     server.stop(grace_s=30)
 
 
-def test_a_repository_without_the_graph_serves_upscale_1_and_says_what_to_export(no_graph_server, demo_repository,
-                                                                                 photo, plain):
-    from isekai.client.client import IsekaiClient
-
+def test_a_repository_without_the_graph_serves_upscale_1_and_says_what_to_export(
+    no_graph_server, demo_repository, photo, plain
+):
     no_graph_server, repository = no_graph_server
 
     client = IsekaiClient(no_graph_server.grpc_url)

@@ -1,6 +1,6 @@
-"""Registering characters on the exported tiny base: LoRA layouts against diffusers and PEFT, the adapter on the
-exported UNet against diffusers' own LoRA, full fine-tunes, and every bad file refused with the repository left
-exactly as it was."""
+"""Registering characters on the exported tiny base: LoRA layouts against diffusers and PEFT, the adapter on
+the exported UNet against diffusers' own LoRA, full fine-tunes, and every bad file refused with the repository
+left exactly as it was."""
 
 from __future__ import annotations
 
@@ -9,13 +9,18 @@ import json
 import shutil
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
 
 from isekai import constants as C
 from isekai.ensemble import characters as chars
 from isekai.export import adapters, characters, lora_formats, sd
 from isekai.export.common import ort_session, random_like
+from isekai.export.lora_slots import fuse_adapter
 from isekai.export.make_lora import attention_only, random_factors, write_lora
 from tests.conftest import CACHE
 
@@ -53,9 +58,10 @@ def base(demo_repository):
 
 @pytest.fixture(scope="module")
 def pipeline(base_folder):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 - diffusers is heavy, only when asked
 
-    return StableDiffusionPipeline.from_pretrained(str(base_folder), local_files_only=True, safety_checker=None)
+    return StableDiffusionPipeline.from_pretrained(str(base_folder), local_files_only=True,
+                                                   safety_checker=None)
 
 
 def tree(root) -> dict[str, bytes]:
@@ -64,7 +70,9 @@ def tree(root) -> dict[str, bytes]:
 
 def lora_file(base, tmp_path, layout="diffusers", *, alpha=None, text=True, unet_layers="all", seed=0,
               text_model_prefix=False):
-    unet_shapes = base.slots[C.UNET_MODEL] if unet_layers == "all" else attention_only(base.slots[C.UNET_MODEL])
+    unet_shapes = (
+        base.slots[C.UNET_MODEL] if unet_layers == "all" else attention_only(base.slots[C.UNET_MODEL])
+    )
     unet = random_factors(unet_shapes, RANK, seed)
     te = random_factors(base.slots[C.TEXT_ENCODER_MODEL], RANK, seed + 1) if text else {}
     name = "lora" if layout == "peft" else "lora.safetensors"
@@ -72,11 +80,13 @@ def lora_file(base, tmp_path, layout="diffusers", *, alpha=None, text=True, unet
                       text_model_prefix=text_model_prefix), unet, te
 
 
-# --- layouts -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout,alpha", [("diffusers", None), ("diffusers", 2.0), ("kohya", None), ("kohya", 8.0),
+# --- layouts ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout,alpha",
+                         [("diffusers", None), ("diffusers", 2.0), ("kohya", None), ("kohya", 8.0),
                                           ("peft", 2.0)])
 def test_layouts_read_to_the_same_layers_and_scale(base, tmp_path, layout, alpha):
-    path, unet, te = lora_file(base, tmp_path, layout, alpha=alpha, text=layout != "peft", text_model_prefix=True)
+    path, unet, te = lora_file(base, tmp_path, layout, alpha=alpha, text=layout != "peft",
+                               text_model_prefix=True)
     found = lora_formats.read_lora(path, base.layers)
     assert sorted(found.unet) == sorted(unet) and sorted(found.text_encoder) == sorted(te)
     for want, got in ((unet, found.unet), (te, found.text_encoder)):
@@ -120,15 +130,21 @@ def test_scale_and_fuse_match_diffusers_fuse_lora(base, base_folder, pipeline, t
 
 
 def test_peft_folder_matches_peft(base, base_folder, tmp_path):
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import (  # noqa: PLC0415 - peft is heavy, only when asked
+        LoraConfig,
+        inject_adapter_in_model,
+        set_peft_model_state_dict,
+    )
 
     path, _, _ = lora_file(base, tmp_path, "peft", alpha=2.0, text=False, unet_layers="attention")
     config = json.loads((path / "adapter_config.json").read_text())
     reference = sd.load_sd(base_folder).unet
     inject_adapter_in_model(LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
                                        target_modules=config["target_modules"]), reference)
-    state = {k.removeprefix("base_model.model."): v for k, v in load_file(path / "adapter_model.safetensors").items()}
+    state = {
+        k.removeprefix("base_model.model."): v
+        for k, v in load_file(path / "adapter_model.safetensors").items()
+    }
     set_peft_model_state_dict(reference, state)
     ours = sd.load_sd(base_folder).unet
     adapters.fuse_into(ours, lora_formats.read_lora(path, base.layers).unet)
@@ -137,12 +153,11 @@ def test_peft_folder_matches_peft(base, base_folder, tmp_path):
         torch.testing.assert_close(ours(*inputs).sample, reference(*inputs).sample, atol=1e-5, rtol=1e-4)
 
 
-# --- the adapter on the exported graphs ---------------------------------------------------------------------------
-def test_registered_adapter_on_the_exported_unet_matches_diffusers(base, base_folder, pipeline, repository, tmp_path):
+# --- the adapter on the exported graphs ---------------------------------------------------------------------
+def test_registered_adapter_on_the_exported_unet_matches_diffusers(base, base_folder, pipeline, repository,
+                                                                   tmp_path):
     """The served path (the base graph + the character's .onnx_adapter through LoraAdapter/RunOptions) against
     diffusers' UNet with the same LoRA loaded (PEFT layers, not fused)."""
-    import onnxruntime as ort
-
     path, _, _ = lora_file(base, tmp_path, "diffusers", alpha=2.0, text=False)
     folder = characters.add_lora_character(repository, "hero", path, "a photo of sks girl")
     session = ort_session(repository / C.UNET_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME)
@@ -150,8 +165,13 @@ def test_registered_adapter_on_the_exported_unet_matches_diffusers(base, base_fo
     adapter.Load(str(folder / f"{C.UNET_MODEL}{chars.ADAPTER_SUFFIX}"))
     options = ort.RunOptions()
     options.add_active_adapter(adapter)
-    sample, t, hidden = random_like((2, 4, 16, 8)), torch.tensor([981.0, 981.0]), random_like((2, 77, 32), seed=1)
-    feeds = {C.UNET_IN_SAMPLE: sample.numpy(), C.UNET_IN_TIMESTEP: t.numpy(), C.UNET_IN_HIDDEN: hidden.numpy()}
+    sample, t, hidden = (
+        random_like((2, 4, 16, 8)),
+        torch.tensor([981.0, 981.0]),
+        random_like((2, 77, 32), seed=1),
+    )
+    feeds = {C.UNET_IN_SAMPLE: sample.numpy(), C.UNET_IN_TIMESTEP: t.numpy(),
+             C.UNET_IN_HIDDEN: hidden.numpy()}
     got = session.run(None, feeds, options)[0]
     plain = session.run(None, feeds)[0]
     pipeline.load_lora_weights(str(path), adapter_name="hero")
@@ -177,10 +197,8 @@ def test_text_encoder_lora_is_in_the_embeddings_and_in_its_adapter(base, base_fo
     assert np.abs(plain - want).max() > 1e-2
 
 
-# --- bad files -----------------------------------------------------------------------------------------------------
+# --- bad files ----------------------------------------------------------------------------------------------
 def _bad_files(base, tmp_path):
-    from safetensors.numpy import save_file
-
     good, unet, _ = lora_file(base, tmp_path, "kohya", text=False)
     cases = {}
     cases["truncated"] = (tmp_path / "truncated.safetensors", "not a readable safetensors file")
@@ -194,8 +212,8 @@ def _bad_files(base, tmp_path):
     path = next(iter(unet))
     down, up = unet[path]
     cases["other dims"] = (tmp_path / "wide.safetensors", f"layer '{path}': the LoRA maps")
-    write_lora(cases["other dims"][0], {path: (np.zeros((RANK, down.shape[1] + 8) + down.shape[2:], np.float32), up)},
-               layout="kohya")
+    write_lora(cases["other dims"][0],
+               {path: (np.zeros((RANK, down.shape[1] + 8) + down.shape[2:], np.float32), up)}, layout="kohya")
     cases["unknown key"] = (tmp_path / "unknown.safetensors", "unknown key 'model.diffusion_model.x.weight'")
     save_file({"model.diffusion_model.x.weight": np.zeros((2, 2), np.float32)}, str(cases["unknown key"][0]))
     cases["unknown layer"] = (tmp_path / "layer.safetensors", "which the base model does not have")
@@ -204,13 +222,15 @@ def _bad_files(base, tmp_path):
     cases["half"] = (tmp_path / "half.safetensors", "has no up factor")
     save_file({f"lora_unet_{path.replace('.', '_')}.lora_down.weight": down}, str(cases["half"][0]))
     cases["dora"] = (tmp_path / "dora.safetensors", "DoRA")
-    save_file({f"lora_unet_{path.replace('.', '_')}.dora_scale": np.ones((1,), np.float32)}, str(cases["dora"][0]))
+    save_file({f"lora_unet_{path.replace('.', '_')}.dora_scale": np.ones((1,), np.float32)},
+              str(cases["dora"][0]))
     cases["empty folder"] = (tmp_path / "empty", "without adapter_config.json")
     cases["empty folder"][0].mkdir()
     return cases
 
 
-CASES = ["truncated", "pickle", "sdxl", "other dims", "unknown key", "unknown layer", "half", "dora", "empty folder"]
+CASES = ["truncated", "pickle", "sdxl", "other dims", "unknown key", "unknown layer", "half", "dora",
+         "empty folder"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -237,13 +257,14 @@ def test_cli_reports_bad_files_and_names(repository, tmp_path, capsys):
     assert tree(repository) == before
 
 
-# --- full fine-tunes, list, remove, default -----------------------------------------------------------------------
+# --- full fine-tunes, list, remove, default -----------------------------------------------------------------
 def fine_tune(base_folder, tmp_path, name="fine-tune", change=("unet",)):
     """A copy of the base folder with other weights for the parts in ``change`` (what a full DreamBooth run
     changes), written by diffusers / transformers as a training script would."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 - diffusers is heavy, only when asked
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(base_folder), local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_folder), local_files_only=True,
+                                                   safety_checker=None)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for part in change:
@@ -251,7 +272,8 @@ def fine_tune(base_folder, tmp_path, name="fine-tune", change=("unet",)):
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
     target = tmp_path / name
     pipe.save_pretrained(str(target), safe_serialization=True)
-    for f in ("vocab.json", "merges.txt"):  # the base tokenizer files as they are (save_pretrained rewrites them)
+    # the base tokenizer files as they are (save_pretrained rewrites them)
+    for f in ("vocab.json", "merges.txt"):
         shutil.copyfile(base_folder / "tokenizer" / f, target / "tokenizer" / f)
     return target
 
@@ -268,7 +290,8 @@ def test_full_fine_tune_gets_its_own_graphs(base_folder, repository, tmp_path):
                                atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("change,message", [(("vae",), "its vae differs"), ((), "has the base model's own UNet")])
+@pytest.mark.parametrize("change,message",
+                         [(("vae",), "its vae differs"), ((), "has the base model's own UNet")])
 def test_full_fine_tunes_the_base_cannot_draw_are_refused(base_folder, repository, tmp_path, change, message):
     folder = fine_tune(base_folder, tmp_path, change=change)
     before = tree(repository)
@@ -310,26 +333,24 @@ def test_every_flag_has_help():
         assert all(action.help for action in p._actions if action.dest != "help"), name
 
 
-# --- fused plans (the tensorrt profile): the graph transform, checked on the CPU -------------------------------
+# --- fused plans (the tensorrt profile): the graph transform, checked on the CPU ----------------------------
 @pytest.mark.parametrize("model", [C.UNET_MODEL, C.TEXT_ENCODER_MODEL])
 def test_an_adapter_fused_into_the_base_graph_runs_what_the_adapter_runs(base, repository, tmp_path, model):
-    """What `isekai export tensorrt` builds a LoRA character's plan from: the base graph with the adapter fused into
-    its weights and the slots removed, against the slotted graph with the adapter as inputs."""
-    import onnx
-
-    from isekai.export.lora_slots import fuse_adapter
-
+    """What `isekai export tensorrt` builds a LoRA character's plan from: the base graph with the adapter
+    fused into its weights and the slots removed, against the slotted graph with the adapter as inputs."""
     path, _, _ = lora_file(base, tmp_path, "kohya", alpha=2.0)
     folder = characters.add_lora_character(repository, "hero", path, "a photo of sks girl")
     params = adapters.read_adapter(folder / f"{model}{chars.ADAPTER_SUFFIX}")
     source = repository / model / C.MODEL_VERSION / C.ONNX_FILENAME
     for name, adapter in (("fused", params), ("plain", None)):
         onnx.save(fuse_adapter(onnx.load(str(source)), adapter), str(tmp_path / f"{name}.onnx"))
-    slotted, fused, plain = (ort_session(p) for p in (source, tmp_path / "fused.onnx", tmp_path / "plain.onnx"))
+    slotted, fused, plain = (ort_session(p)
+                             for p in (source, tmp_path / "fused.onnx", tmp_path / "plain.onnx"))
     assert not [i for i in onnx.load(str(tmp_path / "fused.onnx")).graph.input if i.name.endswith(".lora_A")]
     if model == C.UNET_MODEL:
-        feeds = {C.UNET_IN_SAMPLE: random_like((2, 4, 8, 16)).numpy(), C.UNET_IN_TIMESTEP: np.array([9.0, 900.0],
-                 np.float32), C.UNET_IN_HIDDEN: random_like((2, 77, 32), seed=1).numpy()}
+        feeds = {C.UNET_IN_SAMPLE: random_like((2, 4, 8, 16)).numpy(),
+                 C.UNET_IN_TIMESTEP: np.array([9.0, 900.0], np.float32),
+                 C.UNET_IN_HIDDEN: random_like((2, 77, 32), seed=1).numpy()}
     else:
         feeds = {C.TEXT_IN_IDS: np.arange(2 * 77, dtype=np.int32).reshape(2, 77) % 300}
     want = slotted.run(None, {**feeds, **params})[0]

@@ -78,7 +78,7 @@ def test_graph_matches_generator_composite(exported: Path, lama_dir: Path, size:
     keep = np.broadcast_to(hole.numpy() == 0, got.shape)
     np.testing.assert_array_equal(got[keep], image.numpy()[keep])  # outside the hole: the image, bit for bit
     assert np.abs(got - image.numpy())[~keep].mean() > 0.05  # inside: the generator's own prediction
-    assert 0.0 <= got.min() and got.max() <= 1.0
+    assert got.min() >= 0.0 and got.max() <= 1.0
 
 
 def test_mask_is_binarized(exported: Path):

@@ -39,8 +39,8 @@ def spec_of(model: str, hidden: int):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny models run faster on one thread; with two, OpenMP barriers stall for whole time slices whenever the
-    2 CI cores are shared (a Triton server, another test process): 0.15 s became 15-50 s here."""
+    """Tiny models run faster on one thread; with two, OpenMP barriers stall for whole time slices whenever
+    the 2 CI cores are shared (a Triton server, another test process): 0.15 s became 15-50 s here."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -105,10 +105,11 @@ def test_graph_names_dtypes_and_dynamic_axes(exported, models, model):
     inputs = [i for i in graph.input if i.name not in slots]
     assert [i.name for i in inputs] == spec.input_names
     assert [o.name for o in graph.output] == spec.output_names
-    for value, dims in zip([*inputs, *graph.output], [*spec.inputs.values(), *spec.outputs.values()]):
+    for value, dims in zip([*inputs, *graph.output], [*spec.inputs.values(), *spec.outputs.values()],
+                           strict=True):
         shape = value.type.tensor_type.shape.dim
         assert len(shape) == len(dims), value.name
-        for got, want in zip(shape, dims):
+        for got, want in zip(shape, dims, strict=True):
             if isinstance(want, int):
                 assert got.dim_value == want, value.name
             else:
@@ -155,7 +156,8 @@ def test_unet_and_text_encoder_carry_lora_slots_with_rank_0_defaults(exported, m
     path = graph_path(exported, model)
     slots = lora_slots.read_slots(path)
     module = models.unet if model == C.UNET_MODEL else models.text_encoder
-    linear_or_conv = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    linear_or_conv = [n for n, m in module.named_modules()
+                      if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
     if model == C.UNET_MODEL:  # the default targets: every Linear and Conv2d
         assert sorted(slots) == sorted(linear_or_conv)
     else:  # the text encoder's transformer layers (the final projection has none)
@@ -198,13 +200,15 @@ def test_prompt_override_path_matches_registered_embeddings(exported, models):
 
 
 def test_export_with_a_character_makes_it_the_default_and_turns_other_bases_away(exported, tmp_path):
-    """Item 5 of the characters issue: after `export sd --model X --character NAME`, requests without a character
-    draw NAME with X, and characters registered on the previous base are refused by name, not drawn by X."""
+    """Item 5 of the characters issue: after `export sd --model X --character NAME`, requests without a
+    character draw NAME with X, and characters registered on the previous base are refused by name, not drawn
+    by X."""
     repository = shutil.copytree(exported, tmp_path / "repository")
     add_prompt_character(repository, "villain", "a dark knight")
     stale_before = chars.CharacterStore(repository).names()  # whatever other tests registered
     other = make_sd_folder(tmp_path / "other", "tiny", seed=1)  # same architecture, other weights
-    argv = ["--model", str(other), "--repository", str(repository), "--character", "hero", "--prompt", "a boy"]
+    argv = ["--model", str(other), "--repository", str(repository), "--character", "hero", "--prompt",
+            "a boy"]
     assert sd.main(parse(argv)) == 0
     store = chars.CharacterStore(repository)
     assert store.config.default_character == "hero" and store.get(None).name == "hero"
@@ -222,7 +226,9 @@ def test_loop_on_exported_graphs_matches_pytorch(exported, models):
 
     def session_fn(model):
         session = ort_session(graph_path(exported, model))
-        return lambda *arrays: session.run(None, dict(zip([i.name for i in session.get_inputs()], arrays)))[0]
+        return lambda *arrays: session.run(
+            None, dict(zip([i.name for i in session.get_inputs()], arrays, strict=False))
+        )[0]
 
     config = chars.PipelineConfig.load(exported)
     character = chars.CharacterStore(exported).get(None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 
 import numpy as np
 import onnx
@@ -13,10 +14,15 @@ import torch
 from onnx import TensorProto, helper
 
 from isekai import constants as C
+from isekai.ensemble import characters as chars
 from isekai.export import tensorrt as trt_export
-from isekai.export.common import GraphSpec, export_onnx
+from isekai.export.adapters import read_adapter
+from isekai.export.characters import Base, add_lora_character
+from isekai.export.common import GraphSpec, export_onnx, ort_session, random_like
+from isekai.export.make_lora import random_factors, write_lora
 from isekai.export.sam import SAM_DECODER_SPEC, SAM_ENCODER_SPEC, SAM_MAX_PROMPT_POINTS
 from isekai.export.tensorrt import build_plan, graph_specs, parse_opt, profile_shapes, spec_for_graph
+from isekai.serving.trt_session import TrtSession
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -195,17 +201,8 @@ def test_fp16_plan_of_a_tiny_graph_matches_pytorch(tmp_path):
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs the tensorrt package (NGC Triton container)")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_character_plans_run_what_onnxruntime_runs(demo_repository, tmp_path):
-    """The tensorrt profile's characters: a LoRA character's plan (its adapter fused in) through TrtSession, the
-    host the tensorrt profile's unet runs, against the base graph with the adapter on onnxruntime."""
-    import shutil
-
-    from isekai.ensemble import characters as chars
-    from isekai.export.adapters import read_adapter
-    from isekai.export.characters import Base, add_lora_character
-    from isekai.export.common import ort_session, random_like
-    from isekai.export.make_lora import random_factors, write_lora
-    from isekai.serving.trt_session import TrtSession
-
+    """The tensorrt profile's characters: a LoRA character's plan (its adapter fused in) through TrtSession,
+    the host the tensorrt profile's unet runs, against the base graph with the adapter on onnxruntime."""
     repository = tmp_path / "repository"
     for model in (C.DIFFUSION_MODEL, C.TEXT_ENCODER_MODEL, C.UNET_MODEL):
         shutil.copytree(demo_repository / model, repository / model)
@@ -220,6 +217,8 @@ def test_character_plans_run_what_onnxruntime_runs(demo_repository, tmp_path):
              C.UNET_IN_TIMESTEP: np.array([500.0, 500.0], np.float32),
              C.UNET_IN_HIDDEN: random_like((2, 77, 32), seed=1).numpy()}
     params = read_adapter(folder / f"{C.UNET_MODEL}{chars.ADAPTER_SUFFIX}")
-    want = ort_session(repository / C.UNET_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME).run(None, {**feeds, **params})
+    want = ort_session(repository / C.UNET_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME).run(
+        None, {**feeds, **params}
+    )
     got = TrtSession(plan).run([C.UNET_OUT_SAMPLE], feeds)
     np.testing.assert_allclose(got[0], want[0], atol=1e-3, rtol=1e-3)

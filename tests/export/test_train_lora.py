@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from skimage import data
 
 from isekai.export import train_lora as tl
 from isekai.export import train_photos as tp
@@ -44,8 +45,6 @@ def tiny_sd(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
     """Three crops of scikit-image's astronaut photo (a person), as PNG, JPEG and WebP, none square."""
-    from skimage import data
-
     astronaut = data.astronaut()  # uint8 [512, 512, 3]
     folder = tmp_path_factory.mktemp("photos")
     for (top, left, height, width), name in zip(
@@ -159,12 +158,12 @@ def test_steps_draw_seeded_batches(tiny_sd, photos):
     for name in ("pixels", "noise", "timesteps"):
         torch.testing.assert_close(getattr(a, name), getattr(again, name))
     assert not torch.equal(a.noise, b.noise)
-    assert a.timesteps.dtype == torch.int64 and 0 <= int(a.timesteps.min()) and int(a.timesteps.max()) < 1000
+    assert a.timesteps.dtype == torch.int64 and int(a.timesteps.min()) >= 0 and int(a.timesteps.max()) < 1000
 
 
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+text-encoder"])
 def test_lora_file_loads_in_diffusers(tiny_sd, photos, tmp_path, train_text_encoder):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 - diffusers is heavy, only when asked
 
     options = replace(FAST, steps=2, train_text_encoder=train_text_encoder)
     path = tl.train_dreambooth_lora(tiny_sd, photos, PROMPT, tmp_path / "out", options)
@@ -201,7 +200,7 @@ def test_lora_file_loads_in_diffusers(tiny_sd, photos, tmp_path, train_text_enco
 
 def merged_unet(folder: Path, factors: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The folder's UNet with every ``unet.<module>.lora.{down,up}.weight`` pair added to its weight."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415 - diffusers is heavy, only when asked
 
     unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
     for key, down in factors.items():

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 import yaml
-from isekai.client.stats import model_stats
 
 from isekai import constants as C
+from isekai.client.stats import model_stats
 from isekai.serving.server import free_port
 from tests.conftest import ROOT, start_server
 from tests.k8s.tiny_repository import infer_once, write_tiny_repository

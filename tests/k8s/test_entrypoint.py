@@ -1,6 +1,6 @@
 """k8s/triton-entrypoint.sh, the image's entrypoint, run for real: it starts ``isekai serve`` (the embedded
-Triton 2.51 build, the NGC 24.10 image's version) with the profile the overlays set; SIGTERM drains a request that is
-making BLS calls over gRPC (what plain tritonserver lost), and a killed stub's model is reloaded.
+Triton 2.51 build, the NGC 24.10 image's version) with the profile the overlays set; SIGTERM drains a request
+that is making BLS calls over gRPC (what plain tritonserver lost), and a killed stub's model is reloaded.
 
 The test points the entrypoint at loopback and free ports through its environment, as the overlays could.
 """
@@ -79,10 +79,11 @@ def test_entrypoint_serves_the_profile_the_overlay_sets(tmp_path, profile, loade
 
 
 def test_sigterm_drains_a_grpc_request_in_the_middle_of_its_bls_calls(tmp_path):
-    """The kubelet's SIGTERM reaches isekai serve (exec'd by the entrypoint): the request in flight over gRPC makes
-    its remaining BLS calls and its response arrives; the server exits 0 and leaves no stub behind.
+    """The kubelet's SIGTERM reaches isekai serve (exec'd by the entrypoint): the request in flight over gRPC
+    makes its remaining BLS calls and its response arrives; the server exits 0 and leaves no stub behind.
 
-    Plain tritonserver 2.51 refused the remaining BLS calls with "Server not ready" and the client got INTERNAL."""
+    Plain tritonserver 2.51 refused the remaining BLS calls with "Server not ready" and the client got
+    INTERNAL."""
     repository = write_tiny_repository(tmp_path / "repository", sleep_ms=3000, bls=True)
     server = _start(repository, "", tmp_path / "triton.log")
     outcome: dict[str, object] = {}

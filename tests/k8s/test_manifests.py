@@ -1,8 +1,8 @@
 """k8s/: every overlay renders, every object is valid against the Kubernetes schemas, and the objects agree
 with each other, with the server's ports and with the rules k8s/README.md states (probes, drain, profiles).
 
-No cluster: rendering is ``kubectl kustomize`` (scripts/install-test-deps installs kubectl where it is missing;
-without it these tests skip); schemas are kubernetes-validate's offline copies.
+No cluster: rendering is ``kubectl kustomize`` (scripts/install-test-deps installs kubectl where it is
+missing; without it these tests skip); schemas are kubernetes-validate's offline copies.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import time
 import urllib.request
 
 import pytest
-from isekai.client.client import IsekaiClient
 
 from isekai import constants as C
+from isekai.client.client import IsekaiClient
 from isekai.serving.server import ServerOptions, TritonServer, free_port
 from tests.conftest import ASTRONAUT_CLICK
 
@@ -70,7 +70,7 @@ def test_client_round_robin_spreads_requests_over_replicas(replicas, astronaut_p
     # Triton counts a request when it releases it, which may be just after the client has its response.
     deadline = time.monotonic() + 10
     while True:
-        counts = [served(s.metrics_url, C.SEGMENT_MODEL) - b for s, b in zip(replicas, before)]
+        counts = [served(s.metrics_url, C.SEGMENT_MODEL) - b for s, b in zip(replicas, before, strict=True)]
         if sum(counts) >= REQUESTS or time.monotonic() > deadline:
             break
         time.sleep(0.2)

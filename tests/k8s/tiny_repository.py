@@ -1,7 +1,7 @@
 """A tiny Triton repository for the k8s tests: one Python-backend model that sleeps, behind an ensemble.
 
-With ``bls=True`` the sleeper also calls a second Python model (``echo``) through BLS between its sleeps, as the
-diffusion model calls ``unet``: a drain must let those calls through until the request is done.
+With ``bls=True`` the sleeper also calls a second Python model (``echo``) through BLS between its sleeps, as
+the diffusion model calls ``unet``: a drain must let those calls through until the request is done.
 
 The ensemble is named like the public model (``isekai``) and the sleeper runs one instance without batching,
 so concurrent requests queue in front of it exactly where the real pipeline's requests queue (in the
@@ -59,15 +59,18 @@ class TritonPythonModel:
         return responses
 """
 
-_ECHO_PY = """
+_ECHO_PY = (
+    """
 import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
     def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", """
+    """pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
                 for r in requests]
 """
+)
 
 _ECHO_CONFIG = f"""
 name: "{ECHO}"
@@ -116,8 +119,8 @@ ensemble_scheduling {{ step [ {{
 
 
 def write_tiny_repository(root: Path, sleep_ms: int = 20, bls: bool = False) -> Path:
-    """Write the repository under ``root`` and return it; ``sleep_ms`` is the sleeper's time per request, spread
-    over :data:`BLS_CALLS` BLS calls to ``echo`` with ``bls``."""
+    """Write the repository under ``root`` and return it; ``sleep_ms`` is the sleeper's time per request,
+    spread over :data:`BLS_CALLS` BLS calls to ``echo`` with ``bls``."""
     sleeper = root / SLEEPER
     (sleeper / C.MODEL_VERSION).mkdir(parents=True)
     (sleeper / "configs").mkdir()

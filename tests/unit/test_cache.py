@@ -98,7 +98,7 @@ def test_concurrent_use_never_breaks_the_bounds():
                     cache.put(key, _array(int(rng.integers(1, 25)) * 4))
                 s = cache.stats()
                 assert s.entries <= 8 and s.bytes <= 8 * 64
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - reported below  # pragma: no cover
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]

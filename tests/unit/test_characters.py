@@ -30,7 +30,8 @@ def config(default: str | None = "hero", base: str = BASE) -> chars.PipelineConf
 @pytest.fixture()
 def repository(tmp_path):
     config().save(tmp_path)
-    chars.write_character(tmp_path, chars.Character("hero", "a photo of sks girl", "blurry", embeddings(0)), BASE)
+    chars.write_character(tmp_path, chars.Character("hero", "a photo of sks girl", "blurry", embeddings(0)),
+                          BASE)
     chars.write_character(tmp_path, chars.Character("villain", "a dark knight", "", embeddings(1)), BASE)
     return tmp_path
 
@@ -109,7 +110,8 @@ def test_re_registered_character_is_reloaded_with_a_new_revision(repository):
 
 def test_character_of_another_base_is_refused_and_listed_with_the_reason(repository):
     chars.write_character(repository, chars.Character("stranger", "p", "", embeddings(2)), "0" * 64)
-    with pytest.raises(ValueError, match="'stranger' was registered on another base model .* register it again"):
+    with pytest.raises(ValueError,
+                       match="'stranger' was registered on another base model .* register it again"):
         chars.CharacterStore(repository).get("stranger")
     infos = {i.name: i for i in chars.CharacterStore(repository).infos()}
     assert "another base model" in infos["stranger"].problem
@@ -143,7 +145,8 @@ def test_failed_writes_leave_the_repository_as_it_was(repository, tmp_path):
     with pytest.raises(ValueError, match="its unet adapter file is missing"):
         chars.write_character(repository, adapter, BASE)  # no file given for the declared weights
     with pytest.raises(ValueError, match="'hero' is already registered"):
-        chars.write_character(repository, chars.Character("hero", "p", "", embeddings(0)), BASE, replace=False)
+        chars.write_character(repository, chars.Character("hero", "p", "", embeddings(0)), BASE,
+                              replace=False)
     with pytest.raises(ValueError, match="weights should map"):
         bad = chars.Character("x", "p", "", embeddings(0), weights={"vae_decoder": "graph"})
         chars.write_character(repository, bad, BASE)
@@ -194,7 +197,8 @@ def test_clip_bpe_vocabulary_is_well_formed():
 
 @pytest.mark.parametrize(
     "prompt",
-    ["a photo of sks girl, anime style", "", "Ünïcödé 日本 42!!", "masterpiece " * 100, "  lots\tof   space  "],
+    ["a photo of sks girl, anime style", "", "Ünïcödé 日本 42!!", "masterpiece " * 100,
+     "  lots\tof   space  "],
 )
 def test_tokenizer_matches_the_sd_pipelines_tokenization(tokenizer_dir, prompt):
     ids = chars.Tokenizer(tokenizer_dir)(prompt)

@@ -82,8 +82,8 @@ def test_compose_scene_replaces_the_person_and_keeps_the_rest(case):
     x0, y0, x1, y1 = p.character_box
     silhouette_logits = _ellipse_logits(pg.out_h, pg.out_w, (x0 + x1) / 2, (y0 + y1) / 2, 0.35 * (x1 - x0),
                                         0.45 * (y1 - y0))
-    result, background = compose_scene(image, p.mask, p.hole, _fake_lama(p), p.lama_geometry, _fake_diffusion(p),
-                                       silhouette_logits, pg)
+    result, background = compose_scene(image, p.mask, p.hole, _fake_lama(p), p.lama_geometry,
+                                       _fake_diffusion(p), silhouette_logits, pg)
     assert result.shape == background.shape == image.shape and result.dtype == background.dtype == np.uint8
     outside = ~p.hole
     np.testing.assert_array_equal(background[outside], image[outside])  # untouched outside the hole
@@ -143,8 +143,8 @@ def test_empty_silhouette_falls_back_to_the_person_shape(case):
     nothing = np.full((1, 1, pg.out_h, pg.out_w), -5.0, np.float32)
     silhouette = character_silhouette(nothing, p.mask, pg)
     np.testing.assert_array_equal(silhouette, _carried(p))
-    result, _ = compose_scene(image, p.mask, p.hole, _fake_lama(p), p.lama_geometry, _fake_diffusion(p), nothing,
-                              pg)
+    result, _ = compose_scene(image, p.mask, p.hole, _fake_lama(p), p.lama_geometry, _fake_diffusion(p),
+                              nothing, pg)
     inner = p.mask & ~M.dilate(~p.mask, 8)
     assert (result[inner] == RED).all()
     with pytest.raises(ValueError, match="silhouette_logits must be"):
@@ -161,7 +161,8 @@ def test_no_person_found_is_an_answer_not_an_error():
         assert max(g.work_h, g.work_w) <= C.PLACEHOLDER_SIDE
     assert not p.lama_mask.any()
     assert p.person_image.shape == (p.person_geometry.out_h, p.person_geometry.out_w, 3)
-    result, background = compose_scene(image, p.mask, p.hole, _fake_lama(p), p.lama_geometry, _fake_diffusion(p),
+    result, background = compose_scene(image, p.mask, p.hole, _fake_lama(p), p.lama_geometry,
+                                       _fake_diffusion(p),
                                        np.zeros((1, 1, p.person_geometry.out_h, p.person_geometry.out_w)),
                                        p.person_geometry)
     np.testing.assert_array_equal(result, image)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -25,7 +26,8 @@ def configs() -> dict[str, mc.ModelConfig]:
 
 def io(tensors) -> dict[str, tuple[str, list[int], bool]]:
     return {
-        t.name: (TYPE_NAMES[t.data_type].replace("STRING", "BYTES"), list(t.dims), getattr(t, "optional", False))
+        t.name: (TYPE_NAMES[t.data_type].replace("STRING", "BYTES"), list(t.dims),
+                 getattr(t, "optional", False))
         for t in tensors
     }
 
@@ -47,9 +49,9 @@ def test_every_model_folder_has_a_config_named_after_it():
 def test_public_models_match_client_api(model, inputs, optional, outputs):
     config = configs()[model]
     assert config.max_batch_size == 0
-    # Every public input is declared optional: Triton 2.51 only counts a request's inputs, so a missing required
-    # one reached the ensemble and failed as "unexpected deadlock"; preprocess names it instead. The API's
-    # required inputs are the rest of ``inputs``.
+    # Every public input is declared optional: Triton 2.51 only counts a request's inputs, so a missing
+    # required one reached the ensemble and failed as "unexpected deadlock"; preprocess names it instead. The
+    # API's required inputs are the rest of ``inputs``.
     assert set(optional) < set(inputs)
     want_in = {n: (api.DTYPES[n], api.DIMS[n], True) for n in inputs}
     want_out = {n: (api.DTYPES[n], api.DIMS[n], False) for n in outputs}
@@ -67,7 +69,9 @@ def test_ensemble_steps_are_wired_to_real_tensors(model):
         callee_in, callee_out = {t.name: t for t in callee.input}, {t.name for t in callee.output}
         for key, value in step.input_map.items():
             assert key in callee_in, f"{model}: {step.model_name} has no input {key}"
-            assert value in available, f"{model}: {step.model_name}.{key} reads {value} before anything wrote it"
+            assert value in available, (
+                f"{model}: {step.model_name}.{key} reads {value} before anything wrote it"
+            )
         missing = [n for n, t in callee_in.items() if not t.optional and n not in step.input_map]
         assert not missing, f"{model}: {step.model_name} required inputs not mapped: {missing}"
         for key, value in step.output_map.items():
@@ -100,11 +104,12 @@ CHARACTER_MODELS = (C.UNET_MODEL, C.TEXT_ENCODER_MODEL)
 
 @pytest.mark.parametrize("model", C.ONNX_MODELS)
 def test_config_matches_exported_onnx_graph(model, demo_repository):
-    """Names, dtypes and dims of each config against the ONNX graph it serves (batch dim and reshape included)."""
-    import onnx
-
+    """Names, dtypes and dims of each config against the ONNX graph it serves (batch dim and reshape
+    included)."""
     config = configs()[model]
-    graph = onnx.load(str(demo_repository / model / C.MODEL_VERSION / C.ONNX_FILENAME), load_external_data=False).graph
+    graph = onnx.load(
+        str(demo_repository / model / C.MODEL_VERSION / C.ONNX_FILENAME), load_external_data=False
+    ).graph
 
     def onnx_io(values) -> dict[str, tuple[str, list[int]]]:
         out = {}
@@ -141,7 +146,8 @@ def test_config_matches_exported_onnx_graph(model, demo_repository):
                 assert w == -1 or g in (w, -1), f"{model}.{name}: config dims {gd}, graph {wd}"
 
 
-# -- optional graphs (upscale): a Python adapter in every profile, so a repository without the graph still starts ---
+# -- optional graphs (upscale): a Python adapter in every profile, so a repository without the graph ------
+# still starts --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", C.OPTIONAL_ONNX_MODELS)
 @pytest.mark.parametrize("profile", ["gpu", "tensorrt"])
 def test_optional_graphs_serve_the_same_tensors_in_every_profile(model, profile):
@@ -162,15 +168,16 @@ def test_optional_graphs_serve_the_same_tensors_in_every_profile(model, profile)
 @pytest.mark.parametrize("model", C.OPTIONAL_ONNX_MODELS)
 def test_optional_graph_config_matches_exported_onnx_graph(model, demo_repository):
     """The demo exports every optional graph too: names, dtypes and dims of the config against it."""
-    import onnx
-
-    graph = onnx.load(str(demo_repository / model / C.MODEL_VERSION / C.ONNX_FILENAME), load_external_data=False).graph
+    graph = onnx.load(
+        str(demo_repository / model / C.MODEL_VERSION / C.ONNX_FILENAME), load_external_data=False
+    ).graph
     config = configs()[model]
     assert config.max_batch_size == 0
 
     def onnx_io(values) -> dict[str, tuple[str, list[int]]]:
         return {v.name: (ONNX_TYPES[v.type.tensor_type.elem_type],
-                         [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim])
+                         [d.dim_value if d.HasField("dim_value") else -1
+                          for d in v.type.tensor_type.shape.dim])
                 for v in values}
 
     def config_io(tensors) -> dict[str, tuple[str, list[int]]]:
@@ -190,8 +197,8 @@ def test_upscale_graph_tensor_names_are_the_constants():
 
 
 def test_stream_model_takes_exactly_the_swap_inputs_and_is_decoupled():
-    """isekai_stream is isekai's decoupled twin: the same inputs (names, types, dims, optional, order), so an input
-    added to isekai (upscale, ...) cannot be forgotten in the stream; its own outputs plus isekai's."""
+    """isekai_stream is isekai's decoupled twin: the same inputs (names, types, dims, optional, order), so an
+    input added to isekai (upscale, ...) cannot be forgotten in the stream; its own outputs plus isekai's."""
     all_configs = configs()
     stream, swap = all_configs[api.STREAM_MODEL], all_configs[api.SWAP_MODEL]
     assert list(stream.input) == list(swap.input)

@@ -105,7 +105,7 @@ def test_expand_box_shifts_inside_then_clips():
 
 def test_widen_box_reaches_the_aspect_within_the_image():
     x0, y0, x1, y1 = widen_box((100, 0, 130, 200), 0.75, (300, 400))
-    assert (x1 - x0) >= 0.75 * (y1 - y0) and (y0, y1) == (0, 200) and 0 <= x0 and x1 <= 400
+    assert (x1 - x0) >= 0.75 * (y1 - y0) and (y0, y1) == (0, 200) and x0 >= 0 and x1 <= 400
     assert widen_box((0, 0, 30, 200), 0.75, (200, 50)) == (0, 0, 50, 200)  # the image is narrower
     assert widen_box((0, 0, 100, 100), 0.75, (200, 200)) == (0, 0, 100, 100)
 
@@ -119,7 +119,7 @@ def test_lama_crop_covers_the_hole_with_context(h, w):
     assert image_in.shape == (1, 3, g.out_h, g.out_w) and mask_in.shape == (1, 1, g.out_h, g.out_w)
     assert g.out_h % C.LAMA_MODULO == 0 and g.out_w % C.LAMA_MODULO == 0
     assert max(g.work_h, g.work_w) <= C.LAMA_WORKING_SIZE
-    assert 0 <= image_in.min() and image_in.max() <= 1
+    assert image_in.min() >= 0 and image_in.max() <= 1
     assert set(np.unique(mask_in).tolist()) == {0.0, 1.0}
     hb = M.bounding_box(hole)
     assert g.x0 <= hb[0] and g.y0 <= hb[1] and g.x1 >= hb[2] and g.y1 >= hb[3]

@@ -1,6 +1,8 @@
-"""The finish stage without Triton: outscale at and beside the graph's scale, the probe, the graph check, encoding.
+"""The finish stage without Triton: outscale at and beside the graph's scale, the probe, the graph check,
+encoding.
 
-The graph is a numpy fake (nearest-neighbour, which Real-ESRGAN's tiling reproduces exactly), counted per call.
+The graph is a numpy fake (nearest-neighbour, which Real-ESRGAN's tiling reproduces exactly), counted per
+call.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from isekai.ensemble.upscale import upscale_image
 
 
 class Nearest:
-    """A graph of scale ``scale``: f32 [1, 3, h, w] -> [1, 3, s*h, s*w] by pixel repetition; records input shapes."""
+    """A graph of scale ``scale``: f32 [1, 3, h, w] -> [1, 3, s*h, s*w] by pixel repetition; records input
+    shapes."""
 
     def __init__(self, scale: int) -> None:
         self.scale = scale
@@ -102,7 +105,8 @@ def test_a_known_graph_scale_skips_the_probe():
 
 
 def test_a_scene_bigger_than_a_tile_is_upscaled_tile_by_tile():
-    """600x400 at the default tile (512, pad 10): two tiles side by side, each seeing 10 pixels of the other."""
+    """600x400 at the default tile (512, pad 10): two tiles side by side, each seeing 10 pixels of the
+    other."""
     scene, graph = photo(400, 600), Nearest(4)
     out = outscale(scene, 2, graph)
     assert out.shape == (800, 1200, 3)

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from isekai import constants as C
-from isekai.ensemble.images import decode_image, decode_mask, encode_image, encode_mask, normalize_format, probe_image
+from isekai.ensemble.images import (
+    decode_image,
+    decode_mask,
+    encode_image,
+    encode_mask,
+    normalize_format,
+    probe_image,
+)
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -25,17 +32,19 @@ def _pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature + IHDR declaring width x height, with a tiny IDAT (a decompression bomb's header)."""
+    """A valid PNG signature + IHDR declaring width x height, with a tiny IDAT (a decompression bomb's
+    header)."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
             + chunk(b"IEND", b""))
 
 
-# -- formats and modes -------------------------------------------------------------------------------------------
+# -- formats and modes ---------------------------------------------------------------------------------------
 def test_png_round_trip_is_exact():
     rgb = _pattern(23, 41)
     out = decode_image(_encode(Image.fromarray(rgb), "PNG"))
@@ -128,7 +137,7 @@ def test_animated_gif_uses_the_first_frame():
     assert (out == (255, 0, 0)).all()
 
 
-# -- refusals ----------------------------------------------------------------------------------------------------
+# -- refusals ------------------------------------------------------------------------------------------------
 def _refused(data, match: str, **kw) -> ValueError:
     with pytest.raises(ValueError, match=match) as err:
         decode_image(data, **kw)
@@ -185,7 +194,7 @@ def test_formats_outside_the_allow_list_are_refused():
     _refused(_encode(Image.fromarray(_pattern(20, 20)), "PPM"), "not a supported image")
 
 
-# -- encoding ----------------------------------------------------------------------------------------------------
+# -- encoding ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", C.OUTPUT_FORMATS)
 def test_encode_is_deterministic_and_decodable(fmt):
     rgb = _pattern(40, 24, seed=6)

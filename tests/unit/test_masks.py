@@ -19,7 +19,8 @@ def test_binarize_thresholds_logits_of_any_leading_shape():
     expected = np.array([[False, False, True], [False, True, False]])
     np.testing.assert_array_equal(M.binarize(logits), expected)
     np.testing.assert_array_equal(M.binarize(logits[None, None]), expected)
-    np.testing.assert_array_equal(M.binarize(logits, threshold=-0.5), [[False, True, True], [False, True, True]])
+    np.testing.assert_array_equal(M.binarize(logits, threshold=-0.5),
+                                  [[False, True, True], [False, True, True]])
     with pytest.raises(ValueError, match=r"logits must be \[H, W\]"):
         M.binarize(np.zeros((2, 3, 4)))
 

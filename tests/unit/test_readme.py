@@ -69,7 +69,9 @@ def test_character_weight_budgets_quoted_where_characters_are_described():
     for model in (C.UNET_MODEL, C.TEXT_ENCODER_MODEL):
         for config in (ROOT / "model_repository" / model).rglob("*.pbtxt"):
             text = config.read_text()
-            assert f'"character_adapter_bytes" value: {{ string_value: "{C.CHARACTER_ADAPTER_BYTES}" }}' in text
+            assert (
+                f'"character_adapter_bytes" value: {{ string_value: "{C.CHARACTER_ADAPTER_BYTES}" }}' in text
+            )
             assert f'"character_graph_bytes" value: {{ string_value: "{C.CHARACTER_GRAPH_BYTES}" }}' in text
 
 
@@ -90,12 +92,15 @@ def test_load_shedding_timeouts_and_retries_quoted():
     sizes = C.STEP_QUEUE_SIZES
     click_steps = (C.PREPROCESS_MODEL, C.SAM_DECODER_MODEL, C.SEGMENT_MASK_MODEL)
     assert len({sizes[m] for m in click_steps}) == 1 and sizes[C.COMPOSE_MODEL] == sizes[C.FINISH_MODEL]
-    assert (f"{sizes[C.PREPROCESS_MODEL]} for the click steps `preprocess`, `sam_decoder` and `segment_mask`, "
-            f"`prepare` {sizes[C.PREPARE_MODEL]}, `compose` and `finish` {sizes[C.COMPOSE_MODEL]}") in section
+    assert (f"{sizes[C.PREPROCESS_MODEL]} for the click steps `preprocess`, `sam_decoder` and "
+            f"`segment_mask`, `prepare` {sizes[C.PREPARE_MODEL]}, `compose` and `finish` "
+            f"{sizes[C.COMPOSE_MODEL]}") in section
     assert all(f"`{m}`" in section for m in C.UNBOUNDED_STEPS)
     assert f"at most {C.QUEUE_TIMEOUT_S} s, `QUEUE_TIMEOUT_S`" in section
     assert f"else {C.BLS_TIMEOUT_S:g} s per call (`BLS_TIMEOUT_S`)" in section
     assert f"up to {C.RETRY_ATTEMPTS} tries (`RETRY_ATTEMPTS`)" in section
-    assert f"waiting {C.RETRY_BASE_DELAY_S:g}, 2, 4 s with jitter (at most {C.RETRY_MAX_DELAY_S:g} s)" in section
+    assert (
+        f"waiting {C.RETRY_BASE_DELAY_S:g}, 2, 4 s with jitter (at most {C.RETRY_MAX_DELAY_S:g} s)" in section
+    )
     for message in C.BUSY_MESSAGES:
         assert f"`{message}`" in section

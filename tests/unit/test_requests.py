@@ -1,4 +1,5 @@
-"""Request validators: defaults, Triton-shaped inputs, and one refusal per rule (naming input, value, limit)."""
+"""Request validators: defaults, Triton-shaped inputs, and one refusal per rule (naming input, value,
+limit)."""
 
 from __future__ import annotations
 
@@ -50,9 +51,10 @@ def test_swap_accepts_triton_shaped_tensors(png):
     req = validate_swap(
         np.array([png], dtype=object), np.array([[10, 20], [30, 40]], np.float32), np.array([1, 0], np.int32),
         np.array([1, 2, 60, 40], np.float32),
-        character=np.array([b"sakura"], dtype=object), prompt=np.array(["a knight".encode()], dtype=object),
-        strength=np.array([0.5], np.float32), steps=np.array([30], np.int32), guidance=np.array([5.0], np.float32),
-        seed=np.array([1234], np.int64), format=np.array([b"JPG"], dtype=object),
+        character=np.array([b"sakura"], dtype=object), prompt=np.array([b"a knight"], dtype=object),
+        strength=np.array([0.5], np.float32), steps=np.array([30], np.int32),
+        guidance=np.array([5.0], np.float32), seed=np.array([1234], np.int64),
+        format=np.array([b"JPG"], dtype=object),
     )
     o = req.options
     assert (o.character, o.prompt, o.strength, o.steps, o.guidance, o.seed, o.format) == (
@@ -69,7 +71,8 @@ def test_empty_optional_tensors_mean_defaults(png):
 
 
 def test_a_box_alone_is_a_prompt(png):
-    req = validate_segment(png, np.zeros((0, 2), np.float32), np.zeros((0,), np.int32), np.array([0, 0, W, H]))
+    req = validate_segment(png, np.zeros((0, 2), np.float32), np.zeros((0,), np.int32),
+                           np.array([0, 0, W, H]))
     assert req.clicks.points.shape == (0, 2) and req.mask_input is None
 
 
@@ -167,7 +170,7 @@ def test_limits_at_the_edges_are_accepted(png):
     assert validate_options(prompt="   ").prompt is None  # blank prompt: the character's own
 
 
-# -- upscale -----------------------------------------------------------------------------------------------------
+# -- upscale -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [None, np.zeros(0, np.int32), 1, np.array([1], np.int32)])
 def test_upscale_defaults_to_off(value):
     assert validate_options(upscale=value).upscale == C.DEFAULT_UPSCALE == 1
@@ -199,9 +202,12 @@ def test_upscaled_size_limit_names_upscale_the_factor_and_the_size():
     side = int(C.MAX_UPSCALED_PIXELS**0.5)
     check_result_size(validate_options(upscale=4), (side // 4, side // 4))  # exactly the limit
     check_result_size(validate_options(upscale=2), (side // 2, side // 2))
-    check_result_size(validate_options(), (side, side + 1))  # no upscale: the photo limits apply, not this one
-    with pytest.raises(ValueError, match=rf"upscale: x4 of a {side // 4}x{side // 4 + 1} \(HxW\) image would be "
-                                         rf"{side}x{side + 4} = {side * (side + 4)} pixels, more than the limit"):
+    # no upscale: the photo limits apply, not this one
+    check_result_size(validate_options(), (side, side + 1))
+    with pytest.raises(ValueError,
+                       match=rf"upscale: x4 of a {side // 4}x{side // 4 + 1} \(HxW\) image would be "
+                                         rf"{side}x{side + 4} = {side * (side + 4)} pixels, more than the "
+                                         r"limit"):
         check_result_size(validate_options(upscale=4), (side // 4, side // 4 + 1))
 
 

@@ -1,7 +1,9 @@
-"""SAM geometry: parity with segment-anything's own code at several aspect ratios, and the decoder feed contract.
+"""SAM geometry: parity with segment-anything's own code at several aspect ratios, and the decoder feed
+contract.
 
 The reference functions come from the installed segment-anything 1.0 (torch only; its torchvision-importing
-``utils/transforms.py`` is loaded with a stub that refuses to be called, since only the coordinate maths is compared).
+``utils/transforms.py`` is loaded with a stub that refuses to be called, since only the coordinate maths is
+compared).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ SIZES = [(1080, 720), (480, 640), (512, 512), (16, 16), (17, 1000), (3000, 31), 
 @pytest.fixture(scope="module")
 def reference():
     """segment-anything's ResizeLongestSide, Sam.preprocess and SamOnnxModel, imported without torchvision."""
-    from isekai.export.sam_import import Sam, SamOnnxModel
+    from isekai.export.sam_import import Sam, SamOnnxModel  # noqa: PLC0415 - after the torch importorskip
 
     def refuse(*args, **kwargs):
         raise AssertionError("torchvision stub called: only coordinate maths is compared")
@@ -35,9 +37,13 @@ def reference():
     stub.resize = stub.to_pil_image = refuse
     saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.transforms", stub.__name__)}
     sys.modules.update({"torchvision": types.ModuleType("torchvision"),
-                        "torchvision.transforms": types.ModuleType("torchvision.transforms"), stub.__name__: stub})
+                        "torchvision.transforms": types.ModuleType("torchvision.transforms"),
+                        stub.__name__: stub})
     try:
-        path = importlib.util.find_spec("segment_anything").submodule_search_locations[0] + "/utils/transforms.py"
+        path = (
+            importlib.util.find_spec("segment_anything").submodule_search_locations[0]
+            + "/utils/transforms.py"
+        )
         spec = importlib.util.spec_from_file_location("_sam_reference_transforms", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -47,7 +53,8 @@ def reference():
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-    return SimpleNamespace(resize=module.ResizeLongestSide(C.SAM_IMAGE_SIZE), Sam=Sam, SamOnnxModel=SamOnnxModel)
+    return SimpleNamespace(resize=module.ResizeLongestSide(C.SAM_IMAGE_SIZE), Sam=Sam,
+                           SamOnnxModel=SamOnnxModel)
 
 
 @pytest.mark.parametrize(("h", "w"), SIZES)
@@ -65,11 +72,13 @@ def test_coords_and_boxes_match_segment_anything_and_round_trip(reference, h, w)
     t = SamTransform()
     rng = np.random.default_rng(h * 7 + w)
     xy = rng.uniform(0, 1, size=(5, 2)) * (w, h)
-    np.testing.assert_allclose(t.apply_coords(xy, (h, w)), reference.resize.apply_coords(xy, (h, w)), rtol=1e-12)
+    np.testing.assert_allclose(t.apply_coords(xy, (h, w)), reference.resize.apply_coords(xy, (h, w)),
+                               rtol=1e-12)
     boxes = np.sort(rng.uniform(0, 1, size=(3, 2, 2)) * (w, h), axis=1).reshape(3, 4)
     np.testing.assert_allclose(t.apply_boxes(boxes, (h, w)), reference.resize.apply_boxes(boxes, (h, w)))
     np.testing.assert_allclose(t.restore_coords(t.apply_coords(xy, (h, w)), (h, w)), xy, rtol=1e-12)
-    corner = t.apply_coords(np.array([w, h], float), (h, w))  # the image's far corner lands on the content edge
+    # the image's far corner lands on the content edge
+    corner = t.apply_coords(np.array([w, h], float), (h, w))
     np.testing.assert_allclose(corner, t.input_size((h, w))[::-1])
 
 
@@ -116,7 +125,8 @@ def test_decoder_prompt_follows_the_onnx_example(h, w):
     np.testing.assert_allclose(coords[0, 1:], t.apply_coords(box.reshape(2, 2), (h, w)), rtol=1e-6)
     np.testing.assert_array_equal(lbl[0], [1, 2, 3])
 
-    coords, lbl = t.decoder_prompt(np.zeros((0, 2)), np.zeros(0), box, (h, w))  # a box alone: no padding point
+    # a box alone: no padding point
+    coords, lbl = t.decoder_prompt(np.zeros((0, 2)), np.zeros(0), box, (h, w))
     np.testing.assert_array_equal(lbl[0], [2, 3])
 
 
@@ -140,21 +150,24 @@ def test_decoder_inputs_feed():
     assert not feed[C.SAM_DEC_IN_MASK_INPUT].any() and feed[C.SAM_DEC_IN_HAS_MASK_INPUT].tolist() == [0.0]
 
     previous = np.full((1, 1, C.SAM_LOW_RES_SIZE, C.SAM_LOW_RES_SIZE), 2.5, np.float64)
-    embeddings = np.zeros((1, C.SAM_EMBEDDING_CHANNELS, C.SAM_EMBEDDING_SIZE, C.SAM_EMBEDDING_SIZE), np.float32)
+    embeddings = np.zeros((1, C.SAM_EMBEDDING_CHANNELS, C.SAM_EMBEDDING_SIZE, C.SAM_EMBEDDING_SIZE),
+                          np.float32)
     feed = t.decoder_inputs(np.array([[10.0, 20.0]]), np.array([1]), None, (h, w), mask_input=previous,
                             embeddings=embeddings)
     assert feed[C.SAM_DEC_IN_HAS_MASK_INPUT].tolist() == [1.0]
     assert feed[C.SAM_DEC_IN_MASK_INPUT].dtype == np.float32 and (feed[C.SAM_DEC_IN_MASK_INPUT] == 2.5).all()
     assert feed[C.SAM_DEC_IN_EMBEDDINGS] is not None
     with pytest.raises(ValueError, match="mask_input must be"):
-        t.decoder_inputs(np.array([[1.0, 1.0]]), np.array([1]), None, (h, w), mask_input=np.zeros((1, 256, 256)))
+        t.decoder_inputs(np.array([[1.0, 1.0]]), np.array([1]), None, (h, w),
+                         mask_input=np.zeros((1, 256, 256)))
 
 
 @pytest.mark.parametrize(("h", "w"), [(1080, 720), (480, 640), (300, 300), (50, 1000)])
 def test_a_click_comes_back_at_its_pixel_through_the_decoders_postprocessing(reference, h, w):
     """The whole geometry loop: a click mapped into the 1024 frame, a low-res mask blob drawn there (as the
     decoder would), and segment-anything's own ONNX mask post-processing fed our orig_im_size. The blob must
-    land on the clicked pixel of the original image (a swapped (H, W) or a skipped apply_coords would miss)."""
+    land on the clicked pixel of the original image (a swapped (H, W) or a skipped apply_coords would
+    miss)."""
     t = SamTransform()
     click = np.array([[0.3 * w, 0.7 * h]])
     feed = t.decoder_inputs(click, np.array([1]), None, (h, w))
@@ -172,5 +185,5 @@ def test_a_click_comes_back_at_its_pixel_through_the_decoders_postprocessing(ref
     positive = masks[0, 0].numpy() > 0
     assert positive[int(click[0, 1]), int(click[0, 0])]
     ys, xs = np.nonzero(positive)
-    assert abs(xs.mean() + 0.5 - click[0, 0]) <= max(2.0, w / 256) and abs(ys.mean() + 0.5 - click[0, 1]) <= max(
-        2.0, h / 256)
+    assert (abs(xs.mean() + 0.5 - click[0, 0]) <= max(2.0, w / 256)
+            and abs(ys.mean() + 0.5 - click[0, 1]) <= max(2.0, h / 256))

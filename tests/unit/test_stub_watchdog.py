@@ -1,4 +1,5 @@
-"""The stub watchdog's rules on made-up process tables: which disappearances are crashes and which are unloads."""
+"""The stub watchdog's rules on made-up process tables: which disappearances are crashes and which are
+unloads."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def test_a_reload_that_leaves_the_model_stubless_for_a_moment_is_not_a_crash(tab
 
 def test_a_model_unloaded_while_stubless_is_not_a_crash(table, clock):
     states = {"echo": "READY"}
-    watchdog = StubWatchdog(SERVER, loaded=lambda model: states.get(model) == "READY", confirm_s=5.0, clock=clock)
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: states.get(model) == "READY", confirm_s=5.0,
+                            clock=clock)
     table[:] = [alive(1, "echo")]
     watchdog.check()
     table[:] = []
@@ -176,13 +178,15 @@ def test_without_the_loaded_check_only_zombies_count(table, clock):
 
 
 def instance(pid: int, name: str) -> StubProcess:
-    """A live stub whose command line names its instance (``diffusion_0_1``) or, for a config stub, its model."""
+    """A live stub whose command line names its instance (``diffusion_0_1``) or, for a config stub, its
+    model."""
     model = name.rsplit("_", 2)[0] if name.count("_") >= 2 and name.rsplit("_", 1)[1].isdigit() else name
     return StubProcess(pid, SERVER, model, f"/repo/{model}/1/model.py", zombie=False, instance=name)
 
 
 def test_one_of_two_instances_reaped_while_the_other_serves_is_reported(table, clock):
-    """A request reached the dead instance first and Triton reaped it: the other instance's stub does not hide it."""
+    """A request reached the dead instance first and Triton reaped it: the other instance's stub does not hide
+    it."""
     watchdog = StubWatchdog(SERVER, loaded=lambda model: True, confirm_s=5.0, clock=clock)
     table[:] = [instance(1, "diffusion_0_0"), instance(2, "diffusion_0_1")]
     watchdog.check()
@@ -192,10 +196,13 @@ def test_one_of_two_instances_reaped_while_the_other_serves_is_reported(table, c
     assert watchdog.check() == []
     clock.now += 0.1
     assert watchdog.check() == ["diffusion"]
-    assert "instance diffusion_0_1" in watchdog.reasons["diffusion"] and "pid 2" in watchdog.reasons["diffusion"]
+    assert (
+        "instance diffusion_0_1" in watchdog.reasons["diffusion"] and "pid 2" in watchdog.reasons["diffusion"]
+    )
     clock.now += 10
     assert watchdog.check() == []
-    table[:] = [instance(1, "diffusion_0_0"), instance(3, "diffusion_0_0"), instance(4, "diffusion_0_1")]  # reload
+    # reload
+    table[:] = [instance(1, "diffusion_0_0"), instance(3, "diffusion_0_0"), instance(4, "diffusion_0_1")]
     assert watchdog.check() == []
     table[:] = [instance(3, "diffusion_0_0"), instance(4, "diffusion_0_1")]
     clock.now += 10
@@ -224,7 +231,8 @@ def test_a_reload_of_a_two_instance_model_is_not_a_crash(table, clock):
 
 def test_an_instance_gone_with_its_model_unloaded_is_not_a_crash(table, clock):
     states = {"diffusion": "READY"}
-    watchdog = StubWatchdog(SERVER, loaded=lambda model: states.get(model) == "READY", confirm_s=5.0, clock=clock)
+    watchdog = StubWatchdog(SERVER, loaded=lambda model: states.get(model) == "READY", confirm_s=5.0,
+                            clock=clock)
     table[:] = [instance(1, "diffusion_0_0"), instance(2, "diffusion_0_1")]
     watchdog.check()
     table[:] = [instance(1, "diffusion_0_0")]

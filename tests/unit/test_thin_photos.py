@@ -1,7 +1,7 @@
 """Thin photos (each side >= MIN_IMAGE_SIDE, but one far shorter than the other) give LaMa inputs it can run.
 
-LaMa's graph needs every input side >= LAMA_MIN_SIDE (its reflect-padded convolutions at 1/8 scale). Found by the
-end-to-end click-on-nothing test: a 32x512 photo's placeholder crop was 8x64 and LaMa failed on it.
+LaMa's graph needs every input side >= LAMA_MIN_SIDE (its reflect-padded convolutions at 1/8 scale). Found by
+the end-to-end click-on-nothing test: a 32x512 photo's placeholder crop was 8x64 and LaMa failed on it.
 """
 
 from __future__ import annotations

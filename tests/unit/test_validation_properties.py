@@ -1,6 +1,6 @@
-"""Property tests: on any bytes and any arrays, the validators and the decoder either return valid values or raise
-ValueError (which the adapters turn into INVALID_ARGUMENT). Any other exception would fail the request as an
-internal error, or worse, crash a stub."""
+"""Property tests: on any bytes and any arrays, the validators and the decoder either return valid values or
+raise ValueError (which the adapters turn into INVALID_ARGUMENT). Any other exception would fail the request
+as an internal error, or worse, crash a stub."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ JPEG = _png(np.random.default_rng(1).integers(0, 255, (H, W, 3), dtype=np.uint8)
 
 @st.composite
 def corrupted(draw, source: bytes) -> bytes:
-    """A valid file with some bytes changed, cut short or extended: reaches the decoders, not only the sniffers."""
+    """A valid file with some bytes changed, cut short or extended: reaches the decoders, not only the
+    sniffers."""
     data = bytearray(source)
     for _ in range(draw(st.integers(1, 8))):
         data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
@@ -46,7 +47,8 @@ image_bytes = st.one_of(st.binary(max_size=256), corrupted(PHOTO), corrupted(JPE
 
 any_dtype = st.one_of(
     hnp.floating_dtypes(), hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.boolean_dtypes(),
-    hnp.complex_number_dtypes(), st.just(np.dtype(object)), hnp.byte_string_dtypes(), hnp.unicode_string_dtypes(),
+    hnp.complex_number_dtypes(), st.just(np.dtype(object)), hnp.byte_string_dtypes(),
+    hnp.unicode_string_dtypes(),
 )
 coordinate = st.floats(allow_nan=True, allow_infinity=True, width=32) | st.integers(-10, 60)
 
@@ -57,7 +59,8 @@ def any_array(draw, max_dims: int = 3) -> np.ndarray:
     dtype = draw(any_dtype)
     shape = draw(hnp.array_shapes(min_dims=0, max_dims=max_dims, min_side=0, max_side=5))
     if dtype.kind == "O":
-        return np.array(draw(st.lists(st.one_of(st.none(), st.integers(), st.binary(max_size=4), st.text(max_size=3)),
+        return np.array(draw(st.lists(st.one_of(st.none(), st.integers(), st.binary(max_size=4),
+                                                st.text(max_size=3)),
                                       min_size=1, max_size=4)), dtype=object)
     return draw(hnp.arrays(dtype, shape))
 
@@ -70,7 +73,9 @@ def clicks(draw):
     n = draw(st.integers(0, C.MAX_POINTS + 2))
     points = np.array(draw(st.lists(st.tuples(coordinate, coordinate), min_size=n, max_size=n)), np.float32)
     labels = np.array(draw(st.lists(st.integers(-1, 2), min_size=n, max_size=n)), np.int32)
-    box = draw(st.none() | st.lists(coordinate, min_size=4, max_size=4).map(lambda b: np.array(b, np.float32)))
+    box = draw(
+        st.none() | st.lists(coordinate, min_size=4, max_size=4).map(lambda b: np.array(b, np.float32))
+    )
     return points.reshape(-1, 2), labels, box
 
 
@@ -128,11 +133,13 @@ scalar = st.one_of(
 @given(prompt=clicks(), character=scalar | st.sampled_from(["default", "Asuka_2", "../x", ""]), text=scalar,
        strength=scalar, steps=scalar, guidance=scalar, seed=scalar,
        fmt=scalar | st.sampled_from(["png", "JPG", "webp", "gif"]))
-def test_validate_swap_accepts_or_raises_value_error(prompt, character, text, strength, steps, guidance, seed, fmt):
+def test_validate_swap_accepts_or_raises_value_error(prompt, character, text, strength, steps, guidance, seed,
+                                                     fmt):
     points, labels, box = prompt
     try:
-        req = validate_swap(np.array([PHOTO], dtype=object), points, labels, box, character=character, prompt=text,
-                            strength=strength, steps=steps, guidance=guidance, seed=seed, format=fmt)
+        req = validate_swap(np.array([PHOTO], dtype=object), points, labels, box, character=character,
+                            prompt=text, strength=strength, steps=steps, guidance=guidance, seed=seed,
+                            format=fmt)
     except ValueError:
         return
     check_request(req)

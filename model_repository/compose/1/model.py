@@ -32,7 +32,8 @@ class TritonPythonModel:
         return triton.respond_each(requests, self._handle, self.name)
 
     def _silhouette_logits(self, character: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """SAM's mask logits of the generated crop, prompted by the person's box (no cache: every crop is new)."""
+        """SAM's mask logits of the generated crop, prompted by the person's box (no cache: every crop is
+        new)."""
         embeddings = triton.call(C.SAM_ENCODER_MODEL, {C.SAM_ENC_IN_IMAGE: self.sam.encoder_input(character)},
                                  [C.SAM_ENC_OUT_EMBEDDINGS])[C.SAM_ENC_OUT_EMBEDDINGS]
         feed = self.sam.decoder_inputs(None, None, box, character.shape[:2], embeddings=embeddings)
@@ -59,4 +60,5 @@ class TritonPythonModel:
             logits,
             person_geometry,
         )
-        return [triton.tensor("scene", result), triton.bytes_tensor("background", encode_image(background, fmt))]
+        return [triton.tensor("scene", result),
+                triton.bytes_tensor("background", encode_image(background, fmt))]

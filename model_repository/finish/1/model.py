@@ -19,7 +19,8 @@ class TritonPythonModel:
     @staticmethod
     def _upscale(image: np.ndarray) -> np.ndarray:
         """One tile through the exported graph: f32 [1, 3, h, w] in 0..1 -> f32 [1, 3, s*h, s*w]."""
-        return triton.call(C.UPSCALE_MODEL, {C.ESRGAN_IN_IMAGE: image}, [C.ESRGAN_OUT_UPSCALED])[C.ESRGAN_OUT_UPSCALED]
+        return triton.call(C.UPSCALE_MODEL, {C.ESRGAN_IN_IMAGE: image},
+                           [C.ESRGAN_OUT_UPSCALED])[C.ESRGAN_OUT_UPSCALED]
 
     def _handle(self, request) -> list:
         factor = triton.optional_scalar(request, "upscale")

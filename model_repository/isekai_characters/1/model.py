@@ -1,4 +1,5 @@
-"""isekai_characters: the registered characters as JSON (name, kind, prompt, default, bytes; ``problem`` if not drawable)."""
+"""isekai_characters: the registered characters as JSON (name, kind, prompt, default, bytes; ``problem`` if
+not drawable)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """preprocess: validate the request, decode the photo, SAM's decoder prompt, and the (cached) image embedding.
 
-Both public models start here. ``isekai`` asks for the resolved options too (``character`` ... ``upscale``), so
-only its requests check the character against the store, the upscaled result's size against the limits, and the
-repository for an upscale graph; ``isekai_segment`` asks for the SAM tensors alone.
+Both public models start here. ``isekai`` asks for the resolved options too (``character`` ... ``upscale``),
+so only its requests check the character against the store, the upscaled result's size against the limits, and
+the repository for an upscale graph; ``isekai_segment`` asks for the SAM tensors alone.
 
 The embedding comes from the ``embedding_cache`` model, else from ``sam_encoder`` (then stored there), keyed
 by the encoder graph's identity on disk, which sam_encoder is asked to confirm (:class:`EmbeddingSource`).
@@ -39,7 +39,8 @@ def _store(key: str, embeddings: np.ndarray) -> None:
 
 
 def _encode(pixels: np.ndarray, graph: str | None) -> np.ndarray:
-    """sam_encoder's embedding of ``pixels``; with ``graph``, only that graph's (else :class:`GraphMismatch`)."""
+    """sam_encoder's embedding of ``pixels``; with ``graph``, only that graph's (else
+    :class:`GraphMismatch`)."""
     try:
         return triton.call(C.SAM_ENCODER_MODEL, {C.SAM_ENC_IN_IMAGE: pixels}, [C.SAM_ENC_OUT_EMBEDDINGS],
                            parameters={C.GRAPH_PARAMETER: graph} if graph else None)[C.SAM_ENC_OUT_EMBEDDINGS]
@@ -85,8 +86,8 @@ class TritonPythonModel:
         return [triton.tensor(name, value) for name, value in out.items() if name in wanted]
 
     def _options(self, request) -> tuple[SwapOptions, dict[str, np.ndarray]]:
-        """The isekai options with defaults filled in, and as the tensors passed on; the character must exist, and
-        the repository must have an upscale graph if one is asked for, before any model runs."""
+        """The isekai options with defaults filled in, and as the tensors passed on; the character must exist,
+        and the repository must have an upscale graph if one is asked for, before any model runs."""
         options = validate_options(**{n: triton.optional_input(request, n) for n in OPTION_NAMES})
         character = self.characters.get(options.character)
         require_upscale_graph(options.upscale, self.repository)

@@ -1,4 +1,5 @@
-"""segment_mask: isekai_segment's answer: the same mask PNG as isekai's, the score, and the logits to send back."""
+"""segment_mask: isekai_segment's answer: the same mask PNG as isekai's, the score, and the logits to send
+back."""
 
 from __future__ import annotations
 
