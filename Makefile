@@ -30,8 +30,10 @@ demo: setup
 web: setup
 	$(BIN)/isekai demo --web
 
+# ruff first: it takes seconds and a finding fails the run before the half hour of tests.
 test: setup
 	./scripts/install-test-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 # The linter and its rules are pinned in pyproject.toml ([tool.ruff]).

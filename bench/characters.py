@@ -123,11 +123,13 @@ def _fine_tune(args: argparse.Namespace) -> Path:
     return target
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    """A resident-memory field of /proc/PID/status in bytes: VmRSS (all), RssAnon (the process's own memory),
+    RssFile (mapped files' pages, which the page cache shares and the kernel may drop)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def _served(repository: Path, args: argparse.Namespace, names: dict[str, list[str]]) -> dict[str, object]:
@@ -196,13 +198,15 @@ def _served(repository: Path, args: argparse.Namespace, names: dict[str, list[st
             seconds = [step(name) for _ in range(args.runs)]
             result["time"][label] = seconds
             say(f"UNet step, {label}: median {statistics.median(seconds):.2f} s")
-        before = _rss(stub)
+        before = {f: _rss(stub, f) for f in ("VmRSS", "RssAnon", "RssFile")}
         first = step("full")
         seconds = [step("full") for _ in range(args.runs)]
         result["full"] = {
             "first_call_s": first,
             "steps": seconds,
-            "rss_growth": _rss(stub) - before,
+            "rss_growth": _rss(stub) - before["VmRSS"],
+            "anon_growth": _rss(stub, "RssAnon") - before["RssAnon"],
+            "file_growth": _rss(stub, "RssFile") - before["RssFile"],
             "graph_bytes": sum(f.stat().st_size for f in (store.directory / "full" / "unet").iterdir()),
         }
         result["unet_rss"] = _rss(stub)
@@ -293,7 +297,10 @@ def markdown(result: dict, args: argparse.Namespace, command: str) -> str:
         f"| its graph on disk | {full['graph_bytes'] / 2**30:.2f} GiB |",
         f"| first call (loads the graph, then one step) | {full['first_call_s']:.1f} s |",
         f"| steady step | {med(full['steps']):.2f} s |",
-        f"| unet process growth when loaded | {full['rss_growth'] / 2**30:.2f} GiB |",
+        f"| unet process growth when loaded (VmRSS) | {full['rss_growth'] / 2**30:.2f} GiB |",
+        *(f"| of which {label} | {full[key] / 2**30:.2f} GiB |" for key, label in (
+            ("anon_growth", "the process's own memory (RssAnon)"),
+            ("file_growth", "mapped files' pages (RssFile)")) if key in full),
         "",
     ]
     return "\n".join(lines)

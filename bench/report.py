@@ -97,6 +97,7 @@ LEVER_CACHE_CLICK = "embedding cache: further click"
 LEVER_CACHE_GENERATE = "embedding cache: generate after the clicks"
 LEVER_PARALLEL = "LaMa beside the diffusion (parallel branches)"
 LEVER_LCM = "few-step sampling: LCM-LoRA vs DPM-Solver++"
+LEVER_SCHEDULER = "scheduler: DPM-Solver++ vs PNDM at twice the steps"
 LEVER_ROWS = (
     "ORT intra-op threads",
     "ORT graph optimization: all vs disabled",
@@ -109,7 +110,7 @@ LEVER_ROWS = (
     "CFG as one batch-2 UNet call",
     "diffusion on the person crop (512 long side)",
     "ORT graph optimization on the UNet: all vs basic",
-    "scheduler: DPM-Solver++ vs PNDM 50",
+    LEVER_SCHEDULER,
     "IO binding / DLPack between BLS calls",
     "compose's silhouette: person's mask vs SAM on the generated crop",
     LEVER_PARALLEL,
@@ -635,7 +636,7 @@ def markdown(results: dict) -> str:
     if png:
         out += [
             "",
-            "Scheduler outputs side by side (person crop, DPM-Solver++, PNDM 50; random weights draw noise): "
+            "Scheduler outputs side by side (person crop, DPM-Solver++, PNDM; random weights draw noise): "
             f"![schedulers]({png})",
         ]
     load = results.get("served", {}).get("load", [])

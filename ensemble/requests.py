@@ -201,6 +201,26 @@ def check_inside(clicks: Clicks, image_size: tuple[int, int]) -> Clicks:
     return Clicks(clicks.points.astype(np.float32), clicks.labels.astype(np.int32), box)
 
 
+def check_denoising_steps(steps: int, strength: float, default: bool = False) -> None:
+    """img2img runs ``int(steps * strength)`` steps: zero would return noise. ``default``: ``steps`` is the
+    exported scheduler's default, the request left it out.
+
+    preprocess checks both cases before the ensemble forks into lama and diffusion: in Triton 2.51 a step that
+    fails beside another leaves the ensemble request counted in flight (a shutdown then waits its whole exit
+    timeout for it)."""
+    if int(steps * strength) < 1:
+        origin = " (steps left out: the exported scheduler's default)" if default else ""
+        raise ValueError(f"steps * strength must be >= 1 (img2img runs int(steps * strength) steps) but is "
+                         f"{steps} * {strength:g}{origin}")
+
+
+def check_default_steps(options: SwapOptions, default_steps: int) -> None:
+    """:func:`check_denoising_steps` for a request that left ``steps`` out (diffusion will run the exported
+    scheduler's ``default_steps``); a request that set them was checked by :func:`validate_options`."""
+    if options.steps == C.STEPS_UNSET:
+        check_denoising_steps(default_steps, options.strength, default=True)
+
+
 def validate_options(
     *,
     character: Any = None,
@@ -229,10 +249,8 @@ def validate_options(
     steps_v = _integer("steps", steps, C.STEPS_UNSET)
     if _one("steps", steps) is not None and not 1 <= steps_v <= C.MAX_STEPS:
         raise ValueError(f"steps must be in [1, {C.MAX_STEPS}] but is {steps_v}")
-    # img2img runs int(steps * strength) steps: zero would return noise.
-    if steps_v != C.STEPS_UNSET and int(steps_v * strength_v) < 1:
-        raise ValueError(f"steps * strength must be >= 1 (img2img runs int(steps * strength) steps) but is "
-                         f"{steps_v} * {strength_v}")
+    if steps_v != C.STEPS_UNSET:
+        check_denoising_steps(steps_v, strength_v)
     guidance_v = _real("guidance", guidance, C.GUIDANCE_UNSET)
     if _one("guidance", guidance) is not None and not C.MIN_GUIDANCE <= guidance_v <= C.MAX_GUIDANCE:
         raise ValueError(f"guidance must be in [{C.MIN_GUIDANCE}, {C.MAX_GUIDANCE}] but is {guidance_v}")

@@ -219,6 +219,29 @@ def check_parity(
     return report
 
 
+def check_state_keys(
+    state: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str, target: str
+) -> None:
+    """Raise ValueError unless ``state`` has exactly ``model``'s keys and shapes: which keys are unknown or
+    missing, or which tensors differ in shape (first three of each). ``source`` names the checkpoint,
+    ``target`` the architecture it was read as."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unknown = [k for k in state if k not in expected]
+    if missing or unknown:
+        raise ValueError(
+            f"{source} does not match {target}: {len(unknown)} unknown keys (first: {unknown[:3]}), "
+            f"{len(missing)} missing keys (first: {missing[:3]})"
+        )
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if state[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(
+            f"{source}: {len(mismatched)} tensors differ in shape from {target} (checkpoint vs model; "
+            f"first: {mismatched[:3]})"
+        )
+
+
 def random_like(shape: Sequence[int], *, low: float = -1.0, high: float = 1.0, seed: int = 0) -> torch.Tensor:
     """A reproducible uniform float32 tensor for parity runs."""
     g = torch.Generator().manual_seed(seed)

@@ -42,6 +42,7 @@ from isekai.export.common import (
     GraphSpec,
     ParityReport,
     check_parity,
+    check_state_keys,
     destination,
     export_onnx,
     progress,
@@ -293,30 +294,12 @@ def infer_config(state: Mapping[str, torch.Tensor], path: str | Path = "<state d
     return RRDBConfig(len(blocks), num_feat=num_feat, num_grow_ch=num_grow_ch, scale=scales[in_channels])
 
 
-def _check_keys(state: Mapping[str, torch.Tensor], model: RRDBNet, path: str | Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unknown = [k for k in state if k not in expected]
-    if missing or unknown:
-        raise ValueError(
-            f"Real-ESRGAN checkpoint {path} does not match RRDBNet {model.config.describe()}: "
-            f"{len(unknown)} unknown keys (first: {unknown[:3]}), "
-            f"{len(missing)} missing (first: {missing[:3]})"
-        )
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if state[k].shape != v.shape]
-    if mismatched:
-        raise ValueError(
-            f"Real-ESRGAN checkpoint {path}: {len(mismatched)} tensors differ in shape from RRDBNet "
-            f"{model.config.describe()} (checkpoint vs model; first: {mismatched[:3]})"
-        )
-
-
 def load_esrgan(checkpoint: str | Path) -> RRDBNet:
     """An RRDBNet in eval mode (float32, CPU): the checkpoint's weights in the architecture they imply."""
     state = read_state_dict(checkpoint)
     model = RRDBNet(infer_config(state, checkpoint))
-    _check_keys(state, model, checkpoint)
+    check_state_keys(state, model, f"Real-ESRGAN checkpoint {checkpoint}",
+                     f"RRDBNet {model.config.describe()}")
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -53,6 +53,7 @@ from isekai.export.common import (
     GraphSpec,
     ParityReport,
     check_parity,
+    check_state_keys,
     destination,
     export_onnx,
     progress,
@@ -256,23 +257,8 @@ def load_lama_checkpoint(checkpoint: str | Path, config: Mapping | str | Path) -
     section = load_lama_config(config) if isinstance(config, (str, Path)) else dict(config)
     model = generator_from_config(section)
     state = generator_state(read_checkpoint(checkpoint), checkpoint)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"LaMa checkpoint {checkpoint} does not match the config's generator "
-            f"(ngf={section.get('ngf')}, n_blocks={section.get('n_blocks')}): "
-            f"{len(missing)} missing keys (first: {missing[:3]}), "
-            f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
-        )
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if state[k].shape != v.shape]
-    if mismatched:
-        raise ValueError(
-            f"LaMa checkpoint {checkpoint}: {len(mismatched)} tensors differ in shape from the config's "
-            f"generator (checkpoint vs config; first: {mismatched[:3]})"
-        )
+    check_state_keys(state, model, f"LaMa checkpoint {checkpoint}",
+                     f"the config's generator (ngf={section.get('ngf')}, n_blocks={section.get('n_blocks')})")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 checkpoints too
     model.load_state_dict(state, strict=True)
     return model.eval()

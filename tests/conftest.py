@@ -19,6 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ISEKAI_TEST_CACHE", ROOT / ".cache" / "tests"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module's tiny models (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): they run
+    faster on one thread; with two, OpenMP barriers stall for whole time slices whenever the 2 CI cores are
+    shared (a Triton server, another test process): 0.15 s became 15-50 s here."""
+    import torch  # noqa: PLC0415 - torch-heavy, only for the modules that ask
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_repository() -> Path:
     """A model repository with every model exported from small random-weight checkpoints."""

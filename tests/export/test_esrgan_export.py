@@ -223,7 +223,7 @@ def bad_state(tiny_state: dict, change: str) -> dict:
     "change, message",
     [
         ("unknown", r"1 unknown keys \(first: \['body.0.rdb1.conv6.weight'\]\)"),
-        ("missing", r"1 missing \(first: \['conv_hr.bias'\]\)"),
+        ("missing", r"1 missing keys \(first: \['conv_hr.bias'\]\)"),
         ("shape", r"differ in shape .*conv_last.weight \(4, 16, 3, 3\) vs \(3, 16, 3, 3\)"),
         ("channels", r"conv_first.weight takes 5 input channels; RRDBNet takes 3 \(x4\), 12 \(x2\), 48"),
         ("gap", r"body.N are missing or not numbered 0..n-1: \[0, 2\]"),

@@ -25,14 +25,7 @@ from isekai.export.demo import DEMO_LCM_LORA, lcm_lora_factors
 from isekai.export.make_sd import make_sd_folder
 from tests.conftest import CACHE
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread (see tests/export/test_sd_export.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -27,14 +27,8 @@ SIDE = 64  # training side: the smallest the exported UNet takes (C.SD_SIZE_MULT
 FAST = tl.TrainOptions(steps=4, resolution=SIDE, learning_rate=1e-3, checkpoint_every=2, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread (see test_sd_export.py), and runs compared bit for bit must use
-    the same thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one thread also because runs compared bit for bit must use the same thread count
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,7 @@ from isekai.ensemble.diffusion import DiffusionOptions, check_inputs, img2img, s
 from isekai.export import sd
 from isekai.export.make_sd import SD15_SCHEDULER, make_sd_folder
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread; with two, OpenMP barriers stall for whole time slices whenever
-    the 2 CI cores are shared (a Triton server, another test process): 0.15 s became 15-50 s here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

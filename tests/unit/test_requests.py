@@ -13,6 +13,7 @@ from isekai import constants as C
 from isekai.ensemble.cache import image_key
 from isekai.ensemble.requests import (
     SwapOptions,
+    check_default_steps,
     check_result_size,
     validate_clicks,
     validate_options,
@@ -236,3 +237,13 @@ def test_result_side_within_the_encoder(fmt, factor, width, refused):
     with pytest.raises(ValueError, match=rf"upscale x{factor} .* format {fmt} holds at most "
                                          rf"{C.ENCODER_MAX_SIDE[fmt]} pixels a side"):
         check_result_size(options, (16, width))
+
+
+def test_left_out_steps_are_checked_against_the_schedulers_default():
+    """A request without steps runs the exported scheduler's: LCM's 4 at strength 0.2 would run no step."""
+    options = validate_options(strength=np.array([0.2], np.float32))
+    assert options.steps == C.STEPS_UNSET
+    left_out = r"but is 4 \* 0.2 \(steps left out: the exported scheduler's default\)"
+    with pytest.raises(ValueError, match=left_out):
+        check_default_steps(options, C.LCM_STEPS)
+    check_default_steps(options, C.DEFAULT_STEPS)  # DPM-Solver++'s 25 * 0.2 = 5 steps

@@ -24,7 +24,7 @@ from isekai import constants as C
 from isekai.client import api
 from isekai.ensemble.finish import require_upscale_graph
 from isekai.ensemble.preview import is_preview_step, preview_png
-from isekai.ensemble.requests import precheck_swap
+from isekai.ensemble.requests import check_default_steps, precheck_swap
 from isekai.serving import triton
 from isekai.serving.diffusion_step import OUTPUT as DIFFUSION_OUTPUT
 from isekai.serving.diffusion_step import DiffusionStep
@@ -153,6 +153,7 @@ class TritonPythonModel:
                 raise ValueError(f"input '{name}' is required")
         options = precheck_swap(**{k: v for k, v in inputs.items() if k in api.SWAP_INPUTS})
         self.diffusion.characters.get(options.character)
+        check_default_steps(options, self.diffusion.characters.config.sampling_defaults[0])
         require_upscale_graph(options.upscale, self.repository)
 
     def finalize(self) -> None:

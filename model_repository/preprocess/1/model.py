@@ -20,7 +20,13 @@ from isekai import constants as C
 from isekai.ensemble.cache import EmbeddingSource, GraphMismatch, graph_identity
 from isekai.ensemble.characters import CharacterStore
 from isekai.ensemble.finish import require_upscale_graph
-from isekai.ensemble.requests import SwapOptions, check_result_size, validate_options, validate_segment
+from isekai.ensemble.requests import (
+    SwapOptions,
+    check_default_steps,
+    check_result_size,
+    validate_options,
+    validate_segment,
+)
 from isekai.ensemble.sam_transforms import SamTransform
 from isekai.serving import triton
 
@@ -90,6 +96,7 @@ class TritonPythonModel:
         and the repository must have an upscale graph if one is asked for, before any model runs."""
         options = validate_options(**{n: triton.optional_input(request, n) for n in OPTION_NAMES})
         character = self.characters.get(options.character)
+        check_default_steps(options, self.characters.config.sampling_defaults[0])
         require_upscale_graph(options.upscale, self.repository)
         return options, {
             "character": np.array([character.name.encode()], dtype=np.object_),
