@@ -383,8 +383,8 @@ SEGMENT_MASK_MODEL = "segment_mask"  # isekai_segment's last step
 # Not diffusion and lama: Triton 2.51 schedules them together (both read only prepare's tensors), and its
 # ensemble scheduler mishandles a step refused beside another (core PR #466, fixed in 2026): the swap never
 # finishes and a freed request tracker is used again, which hung the whole server in a 10x overload test here.
-# Their queues stay unbounded until the server is upgraded; the steps before and after them, each scheduled
-# alone, are bounded.
+# Their own queues stay unbounded until the server is upgraded (prepare bounds diffusion's instead: below);
+# the steps before and after them, each scheduled alone, are bounded.
 STEP_QUEUE_SIZES = {
     PREPROCESS_MODEL: 16,
     SAM_DECODER_MODEL: 16,
@@ -396,6 +396,14 @@ STEP_QUEUE_SIZES = {
 # Steps of the public ensembles that Triton 2.51 schedules beside another, so they must never refuse a
 # request.
 UNBOUNDED_STEPS = (LAMA_MODEL, DIFFUSION_MODEL)
+# So prepare bounds them instead (ensemble/admission.py): it refuses a swap with UNAVAILABLE while this many
+# swaps wait in diffusion's queue (besides the two its instances run), read from Triton's gauge
+# nv_inference_pending_request_count on the metrics endpoint. The endpoint's URL comes from this environment
+# variable (isekai serve and the embedded server set it; k8s/ sets it for the container), else Triton's
+# default port on loopback; a read that takes longer than ADMISSION_READ_TIMEOUT_S admits the swap.
+DIFFUSION_MAX_WAITING = 4
+METRICS_URL_ENV = "ISEKAI_METRICS_URL"
+ADMISSION_READ_TIMEOUT_S = 1.0
 # What a client treats as "busy, retry later" (isekai/client/client.py): Triton's own words for a full queue
 # and for a request that waited past its timeout, both with status UNAVAILABLE.
 BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")

@@ -45,6 +45,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from isekai import constants as C
+from isekai.client import retry
 from isekai.client.client import IsekaiClient, SwapProgress, SwapResult
 from isekai.client.web.sessions import Photo, Session, SessionStore
 
@@ -75,6 +76,9 @@ def readable(err: BaseException, url: str) -> PageError:
     message = getattr(err, "message", lambda: None)() or str(err)
     if status == "StatusCode.INVALID_ARGUMENT":
         return PageError(f"The server refused the request: {message}", 400)
+    if status is not None and retry.is_busy(status, message):
+        return PageError("The server is busy with other people's swaps and refused this one: try again in a "
+                         "minute.", 503)
     if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") or isinstance(err, OSError):
         return PageError(f"The isekai server at {url} cannot be reached. Is it running? ({status or err})",
                          503)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from isekai import constants as C
+from isekai.ensemble.admission import metrics_url
 
 _CACHE_ROOT = Path(os.environ.get("ISEKAI_CACHE", Path.home() / ".cache" / "isekai"))
 
@@ -141,6 +142,8 @@ class ServerOptions:
             ) else libs
         # Python models import onnxruntime and torch: one thread pool each per stub would oversubscribe.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        # prepare reads diffusion's queue from this server's own metrics (ensemble/admission.py).
+        env[C.METRICS_URL_ENV] = metrics_url(self.host, self.metrics_port)
         return env
 
 
@@ -198,7 +201,7 @@ class TritonServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+        return metrics_url(self.options.host, self.options.metrics_port)
 
     def start(self) -> None:
         install = find_tritonserver()

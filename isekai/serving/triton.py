@@ -29,6 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from isekai import constants as C
+from isekai.ensemble.admission import Busy
 
 log = logging.getLogger("isekai")
 
@@ -108,7 +109,10 @@ def tensor(name: str, array: np.ndarray) -> pb_utils.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 def error_response(err: Exception) -> pb_utils.InferenceResponse:
     invalid = isinstance(err, ValueError) or (isinstance(err, ModelCallError) and err.invalid_argument)
-    code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
+    if isinstance(err, Busy):
+        code = pb_utils.TritonError.UNAVAILABLE  # a full queue: "busy, retry later", as Triton's own refusal
+    else:
+        code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
 
 
@@ -122,7 +126,7 @@ def respond_each(
             with request_deadline(request):
                 responses.append(pb_utils.InferenceResponse(output_tensors=list(handle(request))))
         except Exception as err:  # every failure becomes that request's error response
-            if not isinstance(err, ValueError | ModelCallError):
+            if not isinstance(err, ValueError | ModelCallError | Busy):
                 log.exception("%s: request failed", model)
             responses.append(error_response(err))
     return responses

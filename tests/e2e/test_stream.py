@@ -44,8 +44,9 @@ def unet_executions(triton) -> int:
     return model_stats(triton)[C.UNET_MODEL].executions
 
 
-def settled_unet_executions(triton, quiet_s: float = 1.0, timeout_s: float = 30.0) -> int:
-    """The unet's execution count once it has not moved for ``quiet_s`` seconds."""
+def settled_unet_executions(triton, quiet_s: float = 3.0, timeout_s: float = 60.0) -> int:
+    """The unet's execution count once it has not moved for ``quiet_s`` seconds: longer than one tiny UNet
+    call takes on a loaded 2-core host (with 1 s a call still running was once taken for a settled count)."""
     deadline = time.monotonic() + timeout_s
     last, since = unet_executions(triton), time.monotonic()
     while time.monotonic() < deadline:
@@ -140,7 +141,7 @@ def test_cancel_stops_the_unet_loop(client, triton, astronaut_png):
     assert stream.cancelled and seen >= 3
     after = settled_unet_executions(triton)
     assert after - before < LONG["steps"] // 2, f"{after - before} UNet executions after the cancel at step 3"
-    time.sleep(1.5)
+    time.sleep(3.0)
     assert unet_executions(triton) == after, "the unet still runs for a cancelled swap"
 
 

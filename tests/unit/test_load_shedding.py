@@ -14,11 +14,6 @@ from isekai import constants as C
 from isekai.client import retry
 from tests.unit.test_configs import REPOSITORY
 
-# model_repository/diffusion is another engineer's for now: its stanza is in the issue 16 report.
-PENDING = {
-    C.DIFFUSION_MODEL: "model_repository/diffusion/config.pbtxt has no queue policy yet (owned elsewhere)"
-}
-
 
 def ensemble_steps(name: str) -> set[str]:
     config = text_format.Parse((REPOSITORY / name / "config.pbtxt").read_text(), mc.ModelConfig())

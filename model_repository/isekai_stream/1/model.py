@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 
 from isekai import constants as C
 from isekai.client import api
+from isekai.ensemble.admission import Busy
 from isekai.ensemble.finish import require_upscale_graph
 from isekai.ensemble.preview import is_preview_step, preview_png
 from isekai.ensemble.requests import check_default_steps, precheck_swap
@@ -36,10 +37,6 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class Cancelled(Exception):
     """The caller cancelled the request (or its stream went away)."""
-
-
-class Busy(Exception):
-    """Every slot for a swap is taken: the request is refused with UNAVAILABLE."""
 
 
 class Responder:

@@ -1,10 +1,16 @@
-"""prepare: SAM's answer -> the public mask and score, and the crops LaMa and Stable Diffusion work on."""
+"""prepare: SAM's answer -> the public mask and score, and the crops LaMa and Stable Diffusion work on.
+
+Also the swaps' admission (``isekai.ensemble.admission``): the last step a swap passes alone before LaMa and
+the diffusion run side by side, so it refuses one while diffusion's queue is full."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from isekai import constants as C
+from isekai.ensemble.admission import Admission, metrics_url
 from isekai.ensemble.compose import prepare_person, public_mask
 from isekai.serving import triton
 
@@ -12,11 +18,15 @@ from isekai.serving import triton
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.name = args["model_name"]
+        params = triton.parameters(triton.load_config(args))
+        url = os.environ.get(C.METRICS_URL_ENV) or metrics_url("127.0.0.1", C.DEFAULT_METRICS_PORT)
+        self.admission = Admission(url, limit=int(params.get("max_waiting_swaps", C.DIFFUSION_MAX_WAITING)))
 
     def execute(self, requests: list) -> list:
         return triton.respond_each(requests, self._handle, self.name)
 
     def _handle(self, request) -> list:
+        self.admission.admit()
         rgb = triton.required_input(request, "rgb")
         masks = triton.required_input(request, C.SAM_DEC_OUT_MASKS)
         iou = triton.required_input(request, C.SAM_DEC_OUT_IOU)
