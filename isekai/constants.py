@@ -399,8 +399,8 @@ UNBOUNDED_STEPS = (LAMA_MODEL, DIFFUSION_MODEL)
 # So prepare bounds them instead (ensemble/admission.py): it refuses a swap with UNAVAILABLE while this many
 # swaps wait in diffusion's queue (besides the two its instances run), read from Triton's gauge
 # nv_inference_pending_request_count on the metrics endpoint. The endpoint's URL comes from this environment
-# variable (isekai serve and the embedded server set it; k8s/ sets it for the container), else Triton's
-# default port on loopback; a read that takes longer than ADMISSION_READ_TIMEOUT_S admits the swap.
+# variable (the embedded server sets it, and isekai serve and k8s's entrypoint run that server), else
+# Triton's default port on loopback; a read that takes longer than ADMISSION_READ_TIMEOUT_S admits the swap.
 DIFFUSION_MAX_WAITING = 4
 METRICS_URL_ENV = "ISEKAI_METRICS_URL"
 ADMISSION_READ_TIMEOUT_S = 1.0
