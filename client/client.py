@@ -58,6 +58,10 @@ class CharacterInfo:
     revision: str
     source: str
     problem: str | None  # why it cannot be drawn (registered on another base model), or None
+    # The steps and guidance a swap that leaves them out gets (the exported scheduler's: 25 and 7.5 for
+    # DPM-Solver++, 4 and 1 after an LCM-LoRA export); None from servers older than this field.
+    steps: int | None = None
+    guidance: float | None = None
 
     @property
     def drawable(self) -> bool:

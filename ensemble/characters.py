@@ -349,6 +349,11 @@ class CharacterInfo:
     revision: str
     source: str
     problem: str | None  # why it cannot be drawn (registered on another base, damaged), or None
+    # What a swap that leaves steps and guidance out gets: the exported scheduler's defaults (the same for
+    # every character of a repository; listed here so a client learns them from the one call it makes
+    # anyway). None when the repository has no exported base.
+    steps: int | None = None
+    guidance: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -457,6 +462,7 @@ class CharacterStore:
             config: PipelineConfig | None = self.config
         except (FileNotFoundError, ValueError):
             config = None
+        steps, guidance = config.sampling_defaults if config is not None else (None, None)
         out = []
         for name in self.names():
             folder = self.directory / name
@@ -477,6 +483,7 @@ class CharacterStore:
                 negative_prompt=character.negative_prompt,
                 default=config is not None and config.default_character == name, bytes=_folder_bytes(folder),
                 revision=character.revision, source=character.source, problem=problem,
+                steps=steps, guidance=guidance,
             ))
         return out
 

@@ -186,13 +186,16 @@ def create_app(url: str, *, timeout_s: float = 600.0) -> FastAPI:
     @app.get("/api/config")
     async def config() -> dict:
         characters = await call(client.characters)
+        # The exported scheduler decides the steps a swap gets by default (25 for DPM-Solver++, 4 after an
+        # LCM-LoRA export): show that number, not the DPM default, so the page asks for what the server would.
+        steps = next((c.steps for c in characters if c.steps), C.DEFAULT_STEPS)
         return {
             "server": url,
             "characters": [{"name": c.name, "kind": c.kind, "prompt": c.prompt, "default": c.default,
                             "problem": c.problem} for c in characters],
             "samples": [{"name": n, "caption": caption} for n, (_, caption) in SAMPLES.items()],
             "limits": {
-                "steps": [1, C.MAX_STEPS, C.DEFAULT_STEPS], "strength": [0.05, 1.0, C.DEFAULT_STRENGTH],
+                "steps": [1, C.MAX_STEPS, steps], "strength": [0.05, 1.0, C.DEFAULT_STRENGTH],
                 "seed": [0, C.MAX_SEED, C.DEFAULT_SEED], "upscale": list(C.UPSCALE_FACTORS),
                 "image_bytes": C.MAX_IMAGE_BYTES, "points": C.MAX_POINTS,
             },

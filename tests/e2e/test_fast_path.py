@@ -67,6 +67,22 @@ def test_defaults_follow_the_lcm_scheduler(clients, astronaut_png):
     assert again.result == first.result
 
 
+def test_the_character_list_and_the_page_announce_the_lcm_defaults(clients, lcm_server):
+    """Clients learn the steps a left-out option gets from the character list; the page shows that number."""
+    import json  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from isekai.client.web.cli import PageServer  # noqa: PLC0415
+    from isekai.serving.server import free_port  # noqa: PLC0415
+
+    client, _ = clients
+    assert {(c.steps, c.guidance) for c in client.characters()} == {(C.LCM_STEPS, C.LCM_GUIDANCE)}
+    with (PageServer(lcm_server.grpc_url, port=free_port()) as page,
+          urllib.request.urlopen(f"{page.url}api/config", timeout=60) as answer):
+        config = json.loads(answer.read())
+    assert config["limits"]["steps"] == [1, C.MAX_STEPS, C.LCM_STEPS]
+
+
 def test_sam_silhouette_runs_sam_on_the_generated_crop(clients, astronaut_png):
     """With silhouette "sam", compose encodes the generated crop: 1 encode on a cached photo (default: 0)."""
     client, raw = clients

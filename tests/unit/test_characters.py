@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -117,6 +118,16 @@ def test_character_of_another_base_is_refused_and_listed_with_the_reason(reposit
     assert "another base model" in infos["stranger"].problem
     assert infos["hero"].problem is None and infos["hero"].default and not infos["villain"].default
     assert infos["hero"].bytes > 2 * C.SD_TOKEN_LENGTH * D * 4
+    assert (infos["hero"].steps, infos["hero"].guidance) == (C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE)
+
+
+def test_the_list_gives_the_exported_schedulers_defaults(repository):
+    """After an LCM-LoRA export a swap that leaves steps and guidance out gets 4 and 1: the list says so."""
+    dataclasses.replace(config(), scheduler=C.LCM_SCHEDULER).save(repository)
+    infos = chars.CharacterStore(repository).infos()
+    assert {(i.steps, i.guidance) for i in infos} == {(C.LCM_STEPS, C.LCM_GUIDANCE)}
+    (chars.data_dir(repository) / chars.PIPELINE_FILE).unlink()
+    assert {(i.steps, i.guidance) for i in chars.CharacterStore(repository).infos()} == {(None, None)}
 
 
 def test_a_re_exported_base_turns_cached_characters_away(repository):

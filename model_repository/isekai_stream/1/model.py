@@ -134,7 +134,7 @@ class TritonPythonModel:
     def _admit(self) -> None:
         with self.accepted_lock:
             if self.accepted >= self.capacity:
-                raise Busy(f"Exceeds maximum queue size: {self.name} holds {self.capacity} swaps, running "
+                raise Busy(f"{C.BUSY_MESSAGES[0]}: {self.name} holds {self.capacity} swaps, running "
                            f"and waiting; retry later")
             self.accepted += 1
 
