@@ -15,6 +15,8 @@ Layout under the cache folder (default ``.cache/bench/<profile>``)::
                     SAM's is ``sam_<type>`` (TinyViT) or ``sam_<type>-rows<N>`` (a ViT, its global attention
                     exported N query rows at a time: a graph made with another N is another part)
     repository-<sam type>/   the Triton repository: configs copied from model_repository/, graphs hard-linked
+    repository-<sam type>-unet-attention-none/   the same with the UNet's attention as diffusers runs it
+                    (graphs/sd15-attention-none: bench/server_memory.py's "before")
     lama-fft-onnx.onnx       the LaMa graph exported with the ONNX DFT operator (the FFT lever)
 
 Re-running skips every checkpoint and export that exists (an export counts once its ``.done`` marker is
@@ -147,6 +149,24 @@ def segment_repository(root: Path, sam_type: str) -> Path:
     repo = Path(root) / f"repository-segment-{sam_type}"
     copy_configs(repo)
     _link_tree(sam_graphs(root, sam_type), repo)
+    return repo
+
+
+def unet_variant_repository(models: BenchModels, cache: Path, attention_slicing: str) -> Path:
+    """``models``' repository with its UNet exported with another ``attention_slicing`` (the server-memory
+    lever): ``repository-<sam type>-unet-attention-<slicing>`` beside it, every file hard-linked but the
+    UNet's, which comes from its own export part ``graphs/sd15-attention-<slicing>``."""
+    from isekai.export.sd import export_sd  # noqa: PLC0415
+
+    if attention_slicing == C.SD_ATTENTION_SLICING:
+        return models.repository
+    root = Path(cache) / models.profile
+    part = _export_part(root / "graphs" / f"sd15-attention-{attention_slicing}",
+                        lambda d: export_sd(models.checkpoints.sd, repository=d,
+                                            attention_slicing=attention_slicing))
+    repo = root / f"repository-{models.sam_type}-unet-attention-{attention_slicing}"
+    _link_tree(models.repository, repo)
+    _link_tree(part / C.UNET_MODEL, repo / C.UNET_MODEL)
     return repo
 
 

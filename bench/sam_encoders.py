@@ -26,7 +26,6 @@ Writes ``bench/results/sam-encoders.md`` and ``.json`` (other ``--types``: ``sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from bench.encoder_run import describe_machine, graph_bytes, machine, measure_fresh
 from bench.models import DEFAULT_CACHE, sam_graphs, segment_repository
-from bench.timing import median, say
+from bench.timing import median, say, write_results
 from isekai import constants as C
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -240,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.skip_served:
         result["served"] = served_clicks(root, served_type, args.clicks, root / f"{stem}-server.log")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = report(result)
-    (args.results / f"{stem}.md").write_text(text)
-    print(text)
+    write_results(args.results, stem, result, report(result))
     return 0
 
 

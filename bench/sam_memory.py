@@ -27,14 +27,13 @@ Writes ``bench/results/sam-memory-<type>.md`` and ``.json`` as the code wrote th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.encoder_run import describe_machine, interpreter_bytes, machine, measure_fresh
 from bench.models import DEFAULT_CACHE, sam_graphs
-from bench.timing import say
+from bench.timing import say, write_results
 from isekai import constants as C
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -251,11 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "levers": [asdict(r) for r in rows],
     }
     stem = f"sam-memory-{sam_type}"
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = report(result)
-    (args.results / f"{stem}.md").write_text(text)
-    print(text)
+    write_results(args.results, stem, result, report(result))
     return 0
 
 

@@ -1,18 +1,28 @@
-"""Timers, medians and progress lines shared by the benchmark's phases."""
+"""Timers, medians, progress lines and result files shared by the benchmark's phases."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def say(message: str) -> None:
     """One progress line on stdout (flushed: the benchmark takes minutes, and runs under nohup)."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stdout, flush=True)
+
+
+def write_results(folder: Path, stem: str, result: dict, text: str) -> None:
+    """``<folder>/<stem>.json`` (the raw result) and ``<stem>.md`` (its report), and the report on stdout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def median(values: list[float]) -> float | None:

@@ -97,6 +97,17 @@ SAM_MASK_THRESHOLD = 0.0
 # (export/sam_attention.py). 64 (the whole map at once) exports segment-anything's attention unchanged.
 SAM_ATTENTION_QUERY_ROWS = 8
 
+# The UNet's self-attention is exported one head at a time ("head": SD 1.5's 8 heads make [B, N, N] score
+# buffers of 103 MB instead of one [B, 8, N, N] of 822 MB at a 448x512 crop, same numbers;
+# export/sd_attention.py); "none" exports diffusers' attention unchanged (every head at once).
+SD_ATTENTION_SLICINGS = ("head", "none")
+SD_ATTENTION_SLICING = "head"
+
+# glibc's mmap threshold for the server's processes (ServerOptions.malloc_mmap_threshold): 128 KiB is glibc's
+# own starting value, fixed so that it no longer rises (up to 32 MiB) as onnxruntime frees big buffers; larger
+# blocks then go back to the kernel when freed (bench/server_memory.py measures it).
+MALLOC_MMAP_THRESHOLD = 128 * 1024
+
 # ---------------------------------------------------------------------------------------------------------
 # Stable Diffusion.
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image, ImageFilter
 
+from isekai import constants as C
 from isekai.client import api
 from isekai.client.stats import cache_counters, model_stats, stats_delta
 from tests.conftest import ASTRONAUT_CLICK, png_bytes
@@ -115,3 +117,15 @@ def test_http_gives_the_same_result_as_grpc(server, client, astronaut_png):
     out = http.infer(api.SWAP_MODEL, inputs)
     assert out.as_numpy(api.RESULT)[0] == grpc_out.result
     assert out.as_numpy(api.MASK)[0] == grpc_out.mask
+
+
+def test_every_stub_runs_with_the_fixed_mmap_threshold(server):
+    """Triton passes the server's environment on to each Python-backend stub, where onnxruntime's buffers are
+    allocated: the threshold must reach them, not only tritonserver."""
+    from isekai.serving.stubs import server_stubs  # noqa: PLC0415
+
+    stubs = [s for s in server_stubs(server.process.pid) if not s.zombie]
+    assert stubs
+    for stub in stubs:
+        environ = Path(f"/proc/{stub.pid}/environ").read_bytes().split(b"\0")
+        assert f"MALLOC_MMAP_THRESHOLD_={C.MALLOC_MMAP_THRESHOLD}".encode() in environ, stub.model
