@@ -16,7 +16,7 @@ Layout under the cache folder (default ``.cache/bench/<profile>``)::
                     exported N query rows at a time: a graph made with another N is another part)
     repository-<sam type>/   the Triton repository: configs copied from model_repository/, graphs hard-linked
     repository-<sam type>-unet-attention-none/   the same with the UNet's attention as diffusers runs it
-                    (graphs/sd15-attention-none: bench/server_memory.py's "before")
+                    (graphs/unet-attention-none: bench/server_memory.py's "before")
     lama-fft-onnx.onnx       the LaMa graph exported with the ONNX DFT operator (the FFT lever)
 
 Re-running skips every checkpoint and export that exists (an export counts once its ``.done`` marker is
@@ -155,15 +155,20 @@ def segment_repository(root: Path, sam_type: str) -> Path:
 def unet_variant_repository(models: BenchModels, cache: Path, attention_slicing: str) -> Path:
     """``models``' repository with its UNet exported with another ``attention_slicing`` (the server-memory
     lever): ``repository-<sam type>-unet-attention-<slicing>`` beside it, every file hard-linked but the
-    UNet's, which comes from its own export part ``graphs/sd15-attention-<slicing>``."""
-    from isekai.export.sd import export_sd  # noqa: PLC0415
+    UNet's, which comes from its own export part ``graphs/unet-attention-<slicing>``."""
+    from isekai.export.sd import export_graphs, load_sd  # noqa: PLC0415
 
     if attention_slicing == C.SD_ATTENTION_SLICING:
         return models.repository
     root = Path(cache) / models.profile
-    part = _export_part(root / "graphs" / f"sd15-attention-{attention_slicing}",
-                        lambda d: export_sd(models.checkpoints.sd, repository=d,
-                                            attention_slicing=attention_slicing))
+
+    def export_unet(folder: Path) -> None:  # as export_sd exports it (LoRA slots included), the UNet only
+        graph = folder / C.UNET_MODEL / C.MODEL_VERSION / C.ONNX_FILENAME
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        export_graphs(load_sd(models.checkpoints.sd), {C.UNET_MODEL: graph}, C.DEFAULT_LORA_TARGETS,
+                      attention_slicing)
+
+    part = _export_part(root / "graphs" / f"unet-attention-{attention_slicing}", export_unet)
     repo = root / f"repository-{models.sam_type}-unet-attention-{attention_slicing}"
     _link_tree(models.repository, repo)
     _link_tree(part / C.UNET_MODEL, repo / C.UNET_MODEL)

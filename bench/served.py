@@ -105,7 +105,7 @@ def process_pss(pid: int) -> int:
     return 0
 
 
-def _rss_parts(pid: int) -> tuple[int, int, int]:
+def rss_parts(pid: int) -> tuple[int, int, int]:
     """(anonymous, file-backed, shared-memory) resident bytes of one process: /proc/PID/status, cheap to
     read."""
     parts = {}
@@ -136,7 +136,7 @@ class MemorySampler(threading.Thread):
         anon = shmem = files = 0
         for pid in self.pids:
             try:
-                a, f, s = _rss_parts(pid)
+                a, f, s = rss_parts(pid)
             except OSError:
                 continue
             anon, shmem, files = anon + a, shmem + s, max(files, f)

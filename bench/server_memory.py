@@ -34,7 +34,7 @@ from bench.encoder_run import describe_machine, machine
 from bench.models import DEFAULT_CACHE, prepare, unet_variant_repository
 from bench.onnx_pipeline import person_clicks
 from bench.scenes import astronaut, with_click
-from bench.served import MemorySampler, Served, _rss_parts, stage_ms
+from bench.served import MemorySampler, Served, rss_parts, stage_ms
 from bench.timing import say, write_results
 from isekai import constants as C
 
@@ -73,7 +73,7 @@ class ModelMemorySampler(MemorySampler):
     def total(self) -> int:
         for pid in self.pids:
             try:
-                anon = _rss_parts(pid)[0]
+                anon = rss_parts(pid)[0]
             except OSError:
                 continue
             self.anon_peaks[pid] = max(self.anon_peaks.get(pid, 0), anon)

@@ -144,6 +144,17 @@ def test_parity_at_other_batch_and_size(exported, models, model):
     assert report.worst() <= sd.ATOL[model]
 
 
+def test_the_exported_unet_runs_one_softmax_per_head(exported, models):
+    """Each self-attention block is exported as ``heads`` softmaxes over [B, N, N] scores, not one over
+    [B, heads, N, N] (export/sd_attention.py): the buffers the served unet holds shrink by the head count."""
+    graph = onnx.load(graph_path(exported, C.UNET_MODEL), load_external_data=False).graph
+    softmaxes = sum(node.op_type == "Softmax" for node in graph.node)
+    self_blocks = [m for n, m in models.unet.named_modules() if n.endswith("attn1")]
+    cross_blocks = [m for n, m in models.unet.named_modules() if n.endswith("attn2")]
+    assert self_blocks[0].heads > 1
+    assert softmaxes == self_blocks[0].heads * len(self_blocks) + len(cross_blocks)
+
+
 @pytest.mark.parametrize("model,count", [(C.UNET_MODEL, None), (C.TEXT_ENCODER_MODEL, None)])
 def test_unet_and_text_encoder_carry_lora_slots_with_rank_0_defaults(exported, models, model, count):
     path = graph_path(exported, model)
